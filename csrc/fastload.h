@@ -1,0 +1,34 @@
+// fsdp_fastload C++ ops: one uninitialized allocation, all views carved in one call,
+// a debugging poison fill, and a GIL-free multi-threaded file range reader.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace fsdp_fastload {
+
+// Codes used on the wire between Python and C++ for view dtypes (see fsdp_fastload/ops.py _DTYPES).
+c10::ScalarType dtype_from_code(int64_t code);
+int64_t num_dtype_codes();
+
+// One uninitialized byte buffer of `nbytes` on `device`. CPU buffers are anonymous mappings
+// (2 MiB aligned, MADV_HUGEPAGE when large) and are never touched; other devices go through
+// PyTorch's allocator (CUDA: the caching allocator; pin_memory: the pinned host allocator).
+at::Tensor alloc(int64_t nbytes, at::Device device, bool pin_memory);
+
+// All views described by `spec` over the 1-D uint8 tensor `flat`, in one call.
+// spec is a flat int list: per view [dtype_code, byte_offset, ndim, sizes..., strides...].
+std::vector<at::Tensor> carve(const at::Tensor& flat, at::IntArrayRef spec);
+
+// Fill every byte of the 1-D contiguous uint8 tensor `flat` with `value` (0..255).
+// 0xFF reads as NaN in every IEEE float dtype (fp64/32/16, bf16, fp8) and -1 in signed ints.
+void poison_(at::Tensor& flat, int64_t value);
+
+// Read byte ranges of the file at `path` into the contiguous CPU tensor `dst` (its bytes),
+// range i: file_offsets[i] .. +lengths[i] -> dst bytes dst_offsets[i] .. +lengths[i].
+// Uses `num_threads` threads with pread (no GIL held); validates every range first.
+void read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_offsets,
+                 at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads);
+
+}  // namespace fsdp_fastload

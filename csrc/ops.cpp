@@ -1,0 +1,225 @@
+// Kernels and schemas of the fsdp_fastload ops. Schemas are declared once here; kernels are
+// registered per backend. The pure-PyTorch fallbacks in fsdp_fastload/ops.py are the spec.
+#include "fastload.h"
+
+#include <ATen/Parallel.h>
+#include <c10/core/TensorImpl.h>
+#include <torch/library.h>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <string>
+#include <thread>
+
+namespace fsdp_fastload {
+
+namespace {
+
+constexpr c10::ScalarType kDtypes[] = {
+    c10::kByte,          c10::kChar,           c10::kShort,           c10::kInt,
+    c10::kLong,          c10::kHalf,           c10::kFloat,           c10::kDouble,
+    c10::kComplexFloat,  c10::kComplexDouble,  c10::kBool,            c10::kBFloat16,
+    c10::ScalarType::Float8_e5m2, c10::ScalarType::Float8_e4m3fn,
+    c10::ScalarType::Float8_e5m2fnuz, c10::ScalarType::Float8_e4m3fnuz,
+    c10::kUInt16,        c10::kUInt32,         c10::kUInt64,
+};
+constexpr int64_t kNumDtypes = sizeof(kDtypes) / sizeof(kDtypes[0]);
+
+constexpr int64_t kHugePage = int64_t(2) << 20;
+
+void check_flat(const at::Tensor& flat, const char* op) {
+  TORCH_CHECK(flat.scalar_type() == at::kByte && flat.dim() == 1 && flat.is_contiguous(), op,
+              ": expected a 1-D contiguous uint8 buffer (got dtype ", flat.scalar_type(), ", ",
+              flat.dim(), " dims). Pass the tensor returned by fsdp_fastload alloc.");
+}
+
+}  // namespace
+
+c10::ScalarType dtype_from_code(int64_t code) {
+  TORCH_CHECK(code >= 0 && code < kNumDtypes, "fsdp_fastload: unknown dtype code ", code,
+              " (expected 0..", kNumDtypes - 1, ")");
+  return kDtypes[code];
+}
+
+int64_t num_dtype_codes() { return kNumDtypes; }
+
+at::Tensor alloc(int64_t nbytes, at::Device device, bool pin_memory) {
+  TORCH_CHECK(nbytes >= 0, "fsdp_fastload alloc: nbytes must be >= 0 (got ", nbytes, ")");
+  auto options = at::TensorOptions().dtype(at::kByte).device(device);
+  if (!device.is_cpu() || pin_memory || nbytes < kHugePage) {
+    // CUDA and others: PyTorch's (caching) allocator; `empty` launches no fill kernel.
+    return at::empty({nbytes}, options.pinned_memory(pin_memory));
+  }
+  // Large CPU buffers: a private anonymous mapping, 2 MiB aligned, advised for transparent huge
+  // pages. Nothing is touched here; the first write faults pages in (a 2 MiB page per fault
+  // where THP is available, instead of 512 faults of 4 KiB).
+  const size_t len = static_cast<size_t>((nbytes + kHugePage - 1) / kHugePage * kHugePage);
+  const size_t map_len = len + kHugePage;
+  void* base = mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(base != MAP_FAILED, "fsdp_fastload alloc: could not map ", nbytes,
+              " bytes of host memory (", std::strerror(errno), "). Free host RAM or load to a GPU.");
+  auto addr = reinterpret_cast<uintptr_t>(base);
+  auto aligned = (addr + kHugePage - 1) / kHugePage * kHugePage;
+  // Give back the unaligned head and the tail so only [aligned, aligned + len) stays mapped.
+  if (aligned > addr) munmap(base, aligned - addr);
+  const size_t tail = (addr + map_len) - (aligned + len);
+  if (tail > 0) munmap(reinterpret_cast<void*>(aligned + len), tail);
+#ifdef MADV_HUGEPAGE
+  madvise(reinterpret_cast<void*>(aligned), len, MADV_HUGEPAGE);
+#endif
+  return at::from_blob(
+      reinterpret_cast<void*>(aligned), {nbytes},
+      [len](void* p) { munmap(p, len); }, options);
+}
+
+std::vector<at::Tensor> carve(const at::Tensor& flat, at::IntArrayRef spec) {
+  check_flat(flat, "fsdp_fastload carve");
+  const int64_t nbytes = flat.numel();
+  const int64_t base = flat.storage_offset();  // bytes, since flat is uint8
+  const auto* ptr = spec.data();
+  const int64_t n = static_cast<int64_t>(spec.size());
+  std::vector<at::Tensor> out;
+  int64_t i = 0;
+  while (i < n) {
+    TORCH_CHECK(i + 3 <= n, "fsdp_fastload carve: truncated spec at entry ", out.size());
+    const c10::ScalarType dtype = dtype_from_code(ptr[i]);
+    const int64_t offset = ptr[i + 1];
+    const int64_t ndim = ptr[i + 2];
+    TORCH_CHECK(ndim >= 0 && i + 3 + 2 * ndim <= n, "fsdp_fastload carve: bad ndim ", ndim,
+                " at entry ", out.size());
+    at::IntArrayRef sizes(ptr + i + 3, ndim);
+    at::IntArrayRef strides(ptr + i + 3 + ndim, ndim);
+    i += 3 + 2 * ndim;
+    const int64_t itemsize = static_cast<int64_t>(c10::elementSize(dtype));
+    TORCH_CHECK(offset >= 0 && offset % itemsize == 0 && (base + offset) % itemsize == 0,
+                "fsdp_fastload carve: view ", out.size(), " (", dtype, ") has byte offset ", offset,
+                " not aligned to its itemsize ", itemsize, ". Align offsets with the layout stage.");
+    int64_t max_index = 0;
+    bool empty = false;
+    for (int64_t d = 0; d < ndim; ++d) {
+      TORCH_CHECK(sizes[d] >= 0 && strides[d] >= 0, "fsdp_fastload carve: view ", out.size(),
+                  " has a negative size or stride");
+      if (sizes[d] == 0) empty = true;
+      else max_index += (sizes[d] - 1) * strides[d];
+    }
+    const int64_t extent = empty ? 0 : (max_index + 1) * itemsize;
+    TORCH_CHECK(offset + extent <= nbytes, "fsdp_fastload carve: view ", out.size(), " spans bytes [",
+                offset, ", ", offset + extent, ") outside the buffer of ", nbytes, " bytes");
+    auto t = at::detail::make_tensor<c10::TensorImpl>(
+        c10::Storage(flat.storage()), flat.key_set(), c10::scalarTypeToTypeMeta(dtype));
+    t.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides, (base + offset) / itemsize);
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+void poison_(at::Tensor& flat, int64_t value) {
+  check_flat(flat, "fsdp_fastload poison_");
+  TORCH_CHECK(value >= 0 && value <= 255, "fsdp_fastload poison_: value must be a byte (got ", value, ")");
+  if (!flat.is_cpu()) {
+    flat.fill_(value);
+    return;
+  }
+  auto* p = static_cast<uint8_t*>(flat.data_ptr());
+  at::parallel_for(0, flat.numel(), int64_t(1) << 22, [&](int64_t b, int64_t e) {
+    std::memset(p + b, static_cast<int>(value), static_cast<size_t>(e - b));
+  });
+}
+
+void read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_offsets,
+                 at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads) {
+  TORCH_CHECK(dst.is_cpu() && dst.is_contiguous(),
+              "fsdp_fastload read_ranges: destination must be a contiguous CPU tensor");
+  const int64_t n = static_cast<int64_t>(lengths.size());
+  TORCH_CHECK(static_cast<int64_t>(file_offsets.size()) == n &&
+                  static_cast<int64_t>(dst_offsets.size()) == n,
+              "fsdp_fastload read_ranges: file_offsets, dst_offsets and lengths differ in length");
+  const int64_t dst_bytes = dst.numel() * static_cast<int64_t>(dst.element_size());
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  TORCH_CHECK(fd >= 0, "fsdp_fastload read_ranges: cannot open ", path, ": ", std::strerror(errno));
+  struct Closer { int fd; ~Closer() { ::close(fd); } } closer{fd};
+  const off_t file_size = ::lseek(fd, 0, SEEK_END);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t fo = file_offsets[i], d = dst_offsets[i], len = lengths[i];
+    TORCH_CHECK(fo >= 0 && d >= 0 && len >= 0, "fsdp_fastload read_ranges: range ", i,
+                " has a negative offset or length");
+    TORCH_CHECK(len <= dst_bytes && d <= dst_bytes - len, "fsdp_fastload read_ranges: range ", i,
+                " writes bytes [", d, ", ", d + len, ") outside the destination of ", dst_bytes, " bytes");
+    TORCH_CHECK(len <= file_size && fo <= file_size - len, "fsdp_fastload read_ranges: range ", i,
+                " reads bytes [", fo, ", ", fo + len, ") past the end of ", path, " (", file_size,
+                " bytes). The file is truncated or its header lies.");
+  }
+#ifdef POSIX_FADV_SEQUENTIAL
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+#endif
+  // Split the work into chunks of at most 8 MiB so threads share large ranges evenly.
+  constexpr int64_t kChunk = int64_t(8) << 20;
+  std::vector<std::array<int64_t, 3>> chunks;  // file offset, dst offset, length
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t o = 0; o < lengths[i]; o += kChunk)
+      chunks.push_back({file_offsets[i] + o, dst_offsets[i] + o, std::min(kChunk, lengths[i] - o)});
+  auto* base = static_cast<char*>(dst.data_ptr());
+  std::atomic<size_t> next{0};
+  std::atomic<int> err{0};
+  std::atomic<bool> short_read{false};
+  auto work = [&]() {
+    for (size_t c = next++; c < chunks.size() && err == 0 && !short_read; c = next++) {
+      int64_t fo = chunks[c][0], d = chunks[c][1], left = chunks[c][2];
+      while (left > 0) {
+        ssize_t r = ::pread(fd, base + d, static_cast<size_t>(left), static_cast<off_t>(fo));
+        if (r < 0) {
+          if (errno == EINTR) continue;
+          err = errno;
+          return;
+        }
+        if (r == 0) {
+          short_read = true;
+          return;
+        }
+        fo += r; d += r; left -= r;
+      }
+    }
+  };
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, chunks.size()));
+  {
+    std::vector<std::thread> pool;
+    for (int64_t t = 1; t < threads; ++t) pool.emplace_back(work);
+    work();
+    for (auto& th : pool) th.join();
+  }
+  TORCH_CHECK(err == 0, "fsdp_fastload read_ranges: reading ", path, " failed: ", std::strerror(err.load()));
+  TORCH_CHECK(!short_read, "fsdp_fastload read_ranges: ", path, " ended early (was it truncated while reading?)");
+}
+
+TORCH_LIBRARY(fsdp_fastload, m) {
+  m.def("alloc(int nbytes, Device device, bool pin_memory=False) -> Tensor");
+  m.def("carve(Tensor(a -> *) flat, int[] spec) -> Tensor(a)[]");
+  m.def("poison_(Tensor(a!) flat, int value=255) -> ()");
+  m.def("read_ranges(str path, Tensor(a!) dst, int[] file_offsets, int[] dst_offsets, int[] lengths, int num_threads=4) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fsdp_fastload, CompositeExplicitAutograd, m) {
+  m.impl("alloc", &alloc);
+}
+
+TORCH_LIBRARY_IMPL(fsdp_fastload, CPU, m) {
+  m.impl("carve", &carve);
+  m.impl("poison_", &poison_);
+  m.impl("read_ranges", &read_ranges);
+}
+
+// Carving and poisoning need no device code: the same C++ kernels serve CUDA tensors
+// (poison_ dispatches to ATen's fill on non-CPU devices).
+TORCH_LIBRARY_IMPL(fsdp_fastload, CUDA, m) {
+  m.impl("carve", &carve);
+  m.impl("poison_", &poison_);
+}
+
+}  // namespace fsdp_fastload

@@ -1,0 +1,9 @@
+"""fsdp_fastload: load a pretrained model onto every rank of a distributed job, fast and correctly.
+
+Rank `src` holds the weights, every other rank a `meta` skeleton; one collective call,
+`materialize`, gives every rank the identical model on its device.
+"""
+from .ops import extension_available
+
+__all__ = ["extension_available"]
+__version__ = "0.1.0"

@@ -1,0 +1,234 @@
+"""The C++ ops (`torch.ops.fsdp_fastload.*`), their fake kernels, and their pure-PyTorch fallbacks.
+
+Each public function here dispatches to the compiled op when `fsdp_fastload._C` loaded and to the
+fallback next to it otherwise. The fallbacks are the specification: tests compare the two.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Sequence
+
+import torch
+
+logger = logging.getLogger("fsdp_fastload")
+
+# Dtype codes shared with csrc/ops.cpp (kDtypes): the index in this tuple is the code.
+_DTYPES: tuple[torch.dtype, ...] = (
+    torch.uint8, torch.int8, torch.int16, torch.int32,
+    torch.int64, torch.float16, torch.float32, torch.float64,
+    torch.complex64, torch.complex128, torch.bool, torch.bfloat16,
+    torch.float8_e5m2, torch.float8_e4m3fn,
+    torch.float8_e5m2fnuz, torch.float8_e4m3fnuz,
+    torch.uint16, torch.uint32, torch.uint64,
+)
+DTYPE_CODE: dict[torch.dtype, int] = {d: i for i, d in enumerate(_DTYPES)}
+
+_state = {"loaded": None, "reason": ""}
+
+
+def _load_extension() -> bool:
+    """Import `fsdp_fastload._C` once; log once (and never raise) when falling back."""
+    if _state["loaded"] is not None:
+        return _state["loaded"]
+    if os.environ.get("FSDP_FASTLOAD_DISABLE_EXTENSION", "0") not in ("", "0"):
+        _state.update(loaded=False, reason="FSDP_FASTLOAD_DISABLE_EXTENSION is set")
+        logger.info("fsdp_fastload: using the pure-PyTorch ops (%s)", _state["reason"])
+        return False
+    try:
+        importlib.import_module("fsdp_fastload._C")
+        torch.ops.fsdp_fastload.carve  # noqa: B018  (the registration really happened)
+    except Exception as e:  # a missing build, a torch ABI mismatch, a broken .so: all fall back
+        _state.update(loaded=False, reason=f"{type(e).__name__}: {e}")
+        logger.warning(
+            "fsdp_fastload: compiled extension unavailable, using the pure-PyTorch ops (%s). "
+            "Build it with `pip install --no-build-isolation .`", _state["reason"])
+        return False
+    _register_fakes()
+    _state.update(loaded=True, reason="")
+    return True
+
+
+def extension_available() -> bool:
+    """Whether the compiled C++ ops (`fsdp_fastload._C`) are in use.
+
+    Example::
+
+        >>> import fsdp_fastload
+        >>> isinstance(fsdp_fastload.extension_available(), bool)
+        True
+    """
+    return _load_extension()
+
+
+# ----------------------------------------------------------------------------------- spec helpers
+
+def encode_spec(dtypes: Sequence[torch.dtype], offsets: Sequence[int],
+                shapes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]] | None = None
+                ) -> list[int]:
+    """Flatten view descriptions into carve's int list: [code, offset, ndim, *sizes, *strides]..."""
+    spec: list[int] = []
+    for i, (dt, off, shape) in enumerate(zip(dtypes, offsets, shapes)):
+        st = strides[i] if strides is not None else _contiguous_strides(shape)
+        spec += [DTYPE_CODE[dt], int(off), len(shape), *shape, *st]
+    return spec
+
+
+def _contiguous_strides(shape: Sequence[int]) -> list[int]:
+    strides, acc = [0] * len(shape), 1
+    for d in range(len(shape) - 1, -1, -1):
+        strides[d] = acc
+        acc *= max(int(shape[d]), 1)
+    return strides
+
+
+def _decode_spec(spec: Sequence[int]):
+    i, n = 0, len(spec)
+    while i < n:
+        if i + 3 > n:
+            raise RuntimeError(f"fsdp_fastload carve: truncated spec at offset {i}")
+        code, off, ndim = spec[i], spec[i + 1], spec[i + 2]
+        if not 0 <= code < len(_DTYPES):
+            raise RuntimeError(f"fsdp_fastload: unknown dtype code {code} (expected 0..{len(_DTYPES) - 1})")
+        if ndim < 0 or i + 3 + 2 * ndim > n:
+            raise RuntimeError(f"fsdp_fastload carve: bad ndim {ndim}")
+        yield _DTYPES[code], off, list(spec[i + 3:i + 3 + ndim]), list(spec[i + 3 + ndim:i + 3 + 2 * ndim])
+        i += 3 + 2 * ndim
+
+
+def _check_flat(flat: torch.Tensor, op: str) -> None:
+    if flat.dtype != torch.uint8 or flat.dim() != 1 or not flat.is_contiguous():
+        raise RuntimeError(
+            f"{op}: expected a 1-D contiguous uint8 buffer (got dtype {flat.dtype}, {flat.dim()} dims). "
+            "Pass the tensor returned by fsdp_fastload alloc.")
+
+
+# ----------------------------------------------------------------------------- fallbacks (the spec)
+
+def _alloc_ref(nbytes: int, device: torch.device, pin_memory: bool = False) -> torch.Tensor:
+    if nbytes < 0:
+        raise RuntimeError(f"fsdp_fastload alloc: nbytes must be >= 0 (got {nbytes})")
+    return torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin_memory)
+
+
+def _carve_ref(flat: torch.Tensor, spec: Sequence[int]) -> list[torch.Tensor]:
+    _check_flat(flat, "fsdp_fastload carve")
+    nbytes, base, out = flat.numel(), flat.storage_offset(), []
+    for dtype, off, sizes, strides in _decode_spec(spec):
+        item = dtype.itemsize
+        if off < 0 or off % item or (base + off) % item:
+            raise RuntimeError(
+                f"fsdp_fastload carve: view {len(out)} ({dtype}) has byte offset {off} not aligned to "
+                f"its itemsize {item}. Align offsets with the layout stage.")
+        if any(s < 0 for s in sizes) or any(s < 0 for s in strides):
+            raise RuntimeError(f"fsdp_fastload carve: view {len(out)} has a negative size or stride")
+        empty = any(s == 0 for s in sizes)
+        extent = 0 if empty else (sum((s - 1) * st for s, st in zip(sizes, strides)) + 1) * item
+        if off + extent > nbytes:
+            raise RuntimeError(
+                f"fsdp_fastload carve: view {len(out)} spans bytes [{off}, {off + extent}) outside the "
+                f"buffer of {nbytes} bytes")
+        # A byte range whose length is a multiple of the itemsize reinterprets cleanly as `dtype`.
+        region = flat[off:off + extent].view(dtype)
+        out.append(region.as_strided(sizes, strides))
+    return out
+
+
+def _poison_ref(flat: torch.Tensor, value: int = 255) -> None:
+    _check_flat(flat, "fsdp_fastload poison_")
+    if not 0 <= value <= 255:
+        raise RuntimeError(f"fsdp_fastload poison_: value must be a byte (got {value})")
+    flat.fill_(value)
+
+
+def _read_ranges_ref(path: str, dst: torch.Tensor, file_offsets: Sequence[int],
+                     dst_offsets: Sequence[int], lengths: Sequence[int], num_threads: int = 4) -> None:
+    if dst.device.type != "cpu" or not dst.is_contiguous():
+        raise RuntimeError("fsdp_fastload read_ranges: destination must be a contiguous CPU tensor")
+    if not len(file_offsets) == len(dst_offsets) == len(lengths):
+        raise RuntimeError(
+            "fsdp_fastload read_ranges: file_offsets, dst_offsets and lengths differ in length")
+    dst_bytes = dst.numel() * dst.element_size()
+    size = os.path.getsize(path)
+    for i, (fo, d, n) in enumerate(zip(file_offsets, dst_offsets, lengths)):
+        if fo < 0 or d < 0 or n < 0:
+            raise RuntimeError(f"fsdp_fastload read_ranges: range {i} has a negative offset or length")
+        if d + n > dst_bytes:
+            raise RuntimeError(
+                f"fsdp_fastload read_ranges: range {i} writes bytes [{d}, {d + n}) outside the "
+                f"destination of {dst_bytes} bytes")
+        if fo + n > size:
+            raise RuntimeError(
+                f"fsdp_fastload read_ranges: range {i} reads bytes [{fo}, {fo + n}) past the end of "
+                f"{path} ({size} bytes). The file is truncated or its header lies.")
+    raw = dst.view(-1).view(torch.uint8) if dst.numel() else dst.new_empty(0, dtype=torch.uint8)
+    with open(path, "rb", buffering=0) as f:
+        for fo, d, n in zip(file_offsets, dst_offsets, lengths):
+            f.seek(fo)
+            view = memoryview(raw[d:d + n].numpy())
+            got = 0
+            while got < n:
+                r = f.readinto(view[got:])
+                if not r:
+                    raise RuntimeError(
+                        f"fsdp_fastload read_ranges: {path} ended early (was it truncated while reading?)")
+                got += r
+
+
+# ------------------------------------------------------------------------------------ fake kernels
+
+def _register_fakes() -> None:
+    lib = "fsdp_fastload::"
+
+    @torch.library.register_fake(lib + "alloc")
+    def _(nbytes, device, pin_memory=False):
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    @torch.library.register_fake(lib + "carve")
+    def _(flat, spec):
+        return _carve_ref(flat, spec)
+
+    @torch.library.register_fake(lib + "poison_")
+    def _(flat, value=255):
+        return None
+
+    @torch.library.register_fake(lib + "read_ranges")
+    def _(path, dst, file_offsets, dst_offsets, lengths, num_threads=4):
+        return None
+
+
+# --------------------------------------------------------------------------------- public wrappers
+
+def alloc(nbytes: int, device: torch.device | str, *, pin_memory: bool = False) -> torch.Tensor:
+    """One uninitialized uint8 buffer of `nbytes` on `device` (no fill, no page touched)."""
+    device = torch.device(device)
+    if _load_extension():
+        return torch.ops.fsdp_fastload.alloc(int(nbytes), device, pin_memory)
+    return _alloc_ref(int(nbytes), device, pin_memory)
+
+
+def carve(flat: torch.Tensor, spec: Sequence[int]) -> list[torch.Tensor]:
+    """All views described by `spec` (see `encode_spec`) over `flat`, in one call."""
+    if _load_extension() and flat.device.type in ("cpu", "cuda", "meta"):
+        return torch.ops.fsdp_fastload.carve(flat, list(spec))
+    return _carve_ref(flat, spec)
+
+
+def poison_(flat: torch.Tensor, value: int = 255) -> torch.Tensor:
+    """Fill every byte of `flat` with `value` (0xFF: NaN in float views, -1 in signed ints)."""
+    if _load_extension() and flat.device.type in ("cpu", "cuda", "meta"):
+        torch.ops.fsdp_fastload.poison_(flat, int(value))
+    else:
+        _poison_ref(flat, int(value))
+    return flat
+
+
+def read_ranges(path: str, dst: torch.Tensor, file_offsets: Sequence[int], dst_offsets: Sequence[int],
+                lengths: Sequence[int], *, num_threads: int = 4) -> None:
+    """Read byte ranges of the file `path` into `dst`'s bytes (threads, no GIL, validated first)."""
+    args = (os.fspath(path), dst, list(file_offsets), list(dst_offsets), list(lengths), int(num_threads))
+    if _load_extension():
+        torch.ops.fsdp_fastload.read_ranges(*args)
+    else:
+        _read_ranges_ref(*args)

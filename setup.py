@@ -1,0 +1,45 @@
+"""Build fsdp-fastload: the Python package plus the abi3 C++ extension `fsdp_fastload._C`.
+
+Build against the torch already installed (an isolated build env would download another torch):
+    pip install --no-build-isolation -e .        # or: pip wheel --no-build-isolation --no-deps .
+Set FSDP_FASTLOAD_BUILD_EXT=0 to skip the extension (the package then uses its pure-PyTorch fallback).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+LIMITED_API = "0x03090000"  # CPython 3.9: one wheel for every later CPython
+BUILD_EXT = os.environ.get("FSDP_FASTLOAD_BUILD_EXT", "1") != "0"
+
+
+def extensions():
+    if not BUILD_EXT:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(
+        os.path.relpath(p, here)
+        for p in glob.glob(os.path.join(here, "csrc", "*.cpp"))
+        if not os.path.basename(p).startswith("test_")
+    )
+    debug = os.environ.get("DEBUG", "0") == "1"
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    ext = CppExtension(
+        "fsdp_fastload._C",
+        sources,
+        extra_compile_args={"cxx": cxx + [f"-DPy_LIMITED_API={LIMITED_API}"]},
+        py_limited_api=True,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    packages=find_packages(include=["fsdp_fastload", "fsdp_fastload.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+)

@@ -1,0 +1,247 @@
+"""The C++ ops against their pure-PyTorch fallbacks (the spec): same views, same bytes, same errors."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fsdp_fastload import ops
+
+needs_ext = pytest.mark.skipif(not ops.extension_available(), reason="fsdp_fastload._C not built")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
+def test_extension_required_in_ci():
+    # CI proves the compiled path, not only the fallback.
+    if os.environ.get("FSDP_FASTLOAD_REQUIRE_EXTENSION") == "1":
+        assert ops.extension_available(), ops._state["reason"]
+
+
+def _spec():
+    """Views of every dtype, contiguous and strided, 0-dim and empty, at aligned offsets."""
+    dtypes, offsets, shapes, strides = [], [], [], []
+    off = 0
+    for i, dt in enumerate(ops._DTYPES):
+        for shape, stride in [((3, 5), None), ((), None), ((0, 4), None), ((4, 3), (1, 4))]:
+            dtypes.append(dt)
+            offsets.append(off)
+            shapes.append(shape)
+            strides.append(stride if stride is not None else ops._contiguous_strides(shape))
+            off += 128
+    return ops.encode_spec(dtypes, offsets, shapes, strides), off
+
+
+def _describe(views):
+    return [(v.dtype, tuple(v.shape), v.stride(), v.storage_offset()) for v in views]
+
+
+def _fill_through(views):
+    # Write a distinct byte pattern through each view (as raw bytes of its dtype).
+    for i, v in enumerate(views):
+        if v.numel():
+            raw = torch.arange(v.numel() * v.element_size(), dtype=torch.int64, device=v.device)
+            raw = ((raw * 7 + i) % 251).to(torch.uint8).view(v.dtype).view(v.shape if v.dim() else ())
+            v.copy_(raw) if v.is_contiguous() else v.t().copy_(raw.reshape(v.t().shape))
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_carve_matches_fallback(device):
+    spec, nbytes = _spec()
+    flat_c, flat_r = ops.alloc(nbytes, device), ops._alloc_ref(nbytes, torch.device(device))
+    ops.poison_(flat_c, 0x5A)
+    ops._poison_ref(flat_r, 0x5A)
+    vc, vr = ops.carve(flat_c, spec), ops._carve_ref(flat_r, spec)
+    assert _describe(vc) == _describe(vr)
+    assert [v.dtype for v in vc[::4]] == list(ops._DTYPES)  # codes agree between C++ and Python
+    for v in vc:
+        assert v.untyped_storage().data_ptr() == flat_c.untyped_storage().data_ptr()
+    _fill_through(vc)
+    _fill_through(vr)
+    assert torch.equal(flat_c, flat_r)  # the writes landed at the same bytes
+    assert (flat_c != 0x5A).any()
+
+
+@needs_ext
+def test_carve_respects_flat_storage_offset():
+    flat = ops.alloc(4096, "cpu")
+    ops.poison_(flat, 0)
+    sub = flat[64:]
+    spec = ops.encode_spec([torch.float32], [8], [(4,)])
+    (vc,), (vr,) = ops.carve(sub, spec), ops._carve_ref(sub, spec)
+    assert _describe([vc]) == _describe([vr]) and vc.storage_offset() == 18
+    vc.fill_(1.0)
+    assert torch.equal(flat[72:88].view(torch.float32), torch.ones(4))
+    with pytest.raises(RuntimeError, match="not aligned"):
+        ops.carve(flat[1:], spec)
+
+
+BAD_SPECS = [
+    ([6, 2, 1, 4, 1], "not aligned"),            # float32 at byte 2
+    ([6, 4000, 1, 100, 1], "outside the buffer"),  # past the end
+    ([99, 0, 0], "unknown dtype code"),
+    ([6, 0, 2, 1], "truncated|bad ndim"),
+    ([6, 0, 1, -1, 1], "negative"),
+]
+
+
+@pytest.mark.parametrize("impl", ["compiled", "fallback"])
+@pytest.mark.parametrize("spec,msg", BAD_SPECS)
+def test_carve_rejects_bad_specs(impl, spec, msg):
+    if impl == "compiled" and not ops.extension_available():
+        pytest.skip("fsdp_fastload._C not built")
+    fn = ops.carve if impl == "compiled" else ops._carve_ref
+    flat = ops.alloc(4096, "cpu")
+    with pytest.raises(RuntimeError, match=msg):
+        fn(flat, spec)
+    with pytest.raises(RuntimeError, match="1-D contiguous uint8"):
+        fn(torch.zeros(16, dtype=torch.float32), [6, 0, 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_poison_matches_fallback(device):
+    a = ops.alloc(3 << 20, device)
+    b = ops._alloc_ref(3 << 20, torch.device(device))
+    ops.poison_(a)
+    ops._poison_ref(b)
+    assert torch.equal(a, b) and bool((a == 255).all())
+    f32, bf16, i64 = ops.carve(a, ops.encode_spec([torch.float32, torch.bfloat16, torch.int64], [0, 64, 128], [(4,), (4,), (2,)]))
+    assert f32.isnan().all() and bf16.isnan().all() and (i64 == -1).all()
+    with pytest.raises(RuntimeError, match="must be a byte"):
+        ops.poison_(a, 300)
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("impl", ["compiled", "fallback"])
+def test_alloc_touches_no_memory(impl):
+    if impl == "compiled" and not ops.extension_available():
+        pytest.skip("fsdp_fastload._C not built")
+    fn = ops.alloc if impl == "compiled" else (lambda n, d: ops._alloc_ref(n, torch.device(d)))
+    before = _rss()
+    buf = fn(4 << 30, "cpu")
+    grown = _rss() - before
+    assert buf.numel() == 4 << 30
+    assert grown < 64 << 20, f"alloc of 4 GiB grew RSS by {grown >> 20} MiB"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        other = fn(4 << 30, "cpu")
+    names = {e.name for e in prof.events()}
+    assert any("alloc" in n or "empty" in n for n in names), names  # the profiler saw the call
+    assert not any(n in names for n in ("aten::fill_", "aten::zero_", "aten::zeros", "aten::copy_")), names
+    del other
+    buf[: 1 << 20].fill_(1)  # the memory is real and writable
+    assert int(buf[: 1 << 20].sum()) == 1 << 20
+    del buf
+
+
+@needs_ext
+def test_alloc_cpu_is_hugepage_aligned():
+    assert ops.alloc(8 << 20, "cpu").data_ptr() % (2 << 20) == 0
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_alloc_shape_and_device(device):
+    for n in (0, 1, 12345, 5 << 20):
+        t = ops.alloc(n, device)
+        assert t.shape == (n,) and t.dtype == torch.uint8 and t.device.type == device
+    with pytest.raises(RuntimeError, match=">= 0"):
+        ops.alloc(-1, device)
+
+
+@needs_cuda
+@needs_ext
+def test_alloc_pinned():
+    t = ops.alloc(1 << 20, "cpu", pin_memory=True)
+    assert t.is_pinned()
+
+
+def test_carve_100k_views_vs_python(capsys):
+    n = 100_000
+    shapes = [(4, 2)] * n
+    spec = ops.encode_spec([torch.float32] * n, [i * 64 for i in range(n)], shapes)
+    flat = ops.alloc(n * 64, "cpu")
+    t0 = time.perf_counter()
+    views = ops.carve(flat, spec)
+    t_ext = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = ops._carve_ref(flat, spec)
+    t_py = time.perf_counter() - t0
+    assert len(views) == len(ref) == n
+    assert _describe(views[-3:]) == _describe(ref[-3:])
+    with capsys.disabled():
+        print(f"\ncarve of {n} views: compiled {t_ext * 1e3:.1f} ms, Python {t_py * 1e3:.1f} ms, "
+              f"ratio {t_py / max(t_ext, 1e-9):.1f}x (extension={ops.extension_available()})")
+
+
+def _file(tmp_path, n=3 << 20):
+    data = (torch.arange(n, dtype=torch.int64) * 31 % 251).to(torch.uint8)
+    p = tmp_path / "data.bin"
+    p.write_bytes(data.numpy().tobytes())
+    return str(p), data
+
+
+@pytest.mark.parametrize("impl", ["compiled", "fallback"])
+def test_read_ranges(impl, tmp_path):
+    if impl == "compiled" and not ops.extension_available():
+        pytest.skip("fsdp_fastload._C not built")
+    fn = ops.read_ranges if impl == "compiled" else (lambda *a, num_threads=4: ops._read_ranges_ref(*a, num_threads))
+    path, data = _file(tmp_path)
+    dst = torch.zeros(2 << 20, dtype=torch.uint8)
+    fo, do, ln = [10, 1 << 20, 0], [0, 100, (1 << 20) + 200], [50, 1 << 20, 0]
+    fn(path, dst, fo, do, ln, num_threads=3)
+    expect = torch.zeros_like(dst)
+    for f, d, n in zip(fo, do, ln):
+        expect[d:d + n] = data[f:f + n]
+    assert torch.equal(dst, expect)
+    fdst = torch.zeros(8, dtype=torch.float32)  # any dtype: bytes are bytes
+    fn(path, fdst, [0], [4], [16], num_threads=1)
+    assert torch.equal(fdst.view(torch.uint8)[4:20], data[:16])
+    for args, msg in [(([3 << 20], [0], [1]), "past the end"), (([0], [2 << 20], [1]), "outside the destination"),
+                      (([-1], [0], [1]), "negative"), (([0, 1], [0], [1]), "differ in length")]:
+        with pytest.raises(RuntimeError, match=msg):
+            fn(path, dst, *args, num_threads=2)
+    with pytest.raises((RuntimeError, OSError)):
+        fn(str(tmp_path / "missing.bin"), dst, [0], [0], [1], num_threads=1)
+
+
+@needs_ext
+def test_opcheck():
+    flat = ops.alloc(4096, "cpu")
+    ops.poison_(flat, 0)
+    spec = ops.encode_spec([torch.float32, torch.bfloat16, torch.int64], [0, 64, 128], [(2, 3), (4,), ()])
+    no_aot = ("test_schema", "test_autograd_registration", "test_faketensor")
+    lib = torch.ops.fsdp_fastload
+    # alloc returns uninitialized memory: the full suite (which compares outputs) runs on 0 bytes.
+    torch.library.opcheck(lib.alloc.default, (0, torch.device("cpu"), False))
+    torch.library.opcheck(lib.alloc.default, (1 << 22, torch.device("cpu"), False), test_utils=no_aot)
+    # carve returns views of its input; functionalization (AOT dispatch) rejects aliasing custom ops.
+    torch.library.opcheck(lib.carve.default, (flat, spec), test_utils=no_aot)
+    torch.library.opcheck(lib.poison_.default, (flat, 7))
+
+
+def test_lean_import():
+    code = (
+        "import torch, fsdp_fastload, sys\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "print(fsdp_fastload.extension_available())\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "from fsdp_fastload import ops\n"
+        "t = ops.alloc(256, 'cpu'); ops.poison_(t)\n"
+        "v, = ops.carve(t, ops.encode_spec([torch.float32], [64], [(4,)]))\n"
+        "assert v.isnan().all()\n"
+    )
+    env = dict(os.environ, FSDP_FASTLOAD_DISABLE_EXTENSION="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    env.pop("FSDP_FASTLOAD_DISABLE_EXTENSION")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(ops.extension_available())
