@@ -3,7 +3,9 @@
 Rank `src` holds the weights, every other rank a `meta` skeleton; one collective call,
 `materialize`, gives every rank the identical model on its device.
 """
+from .agree import MaterializeError
+from .api import materialize
 from .ops import extension_available
 
-__all__ = ["extension_available"]
+__all__ = ["materialize", "MaterializeError", "extension_available"]
 __version__ = "0.1.0"

@@ -1,0 +1,335 @@
+"""materialize() on 2 and 3 real gloo ranks: bit-exact against single-process loading, ties, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from dist_harness import RankError, run_ranks
+
+HF = list(models.TRANSFORMERS_CASES)
+PLAIN = list(models.PLAIN_CASES)
+
+
+# ------------------------------------------------------------------------------------ comparisons
+
+def _tensors(model):
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _tie_groups(model):
+    groups: dict[int, set] = {}
+    for n, t in _tensors(model).items():
+        groups.setdefault(id(t), set()).add(n)
+    return {frozenset(g) for g in groups.values()}
+
+
+def compare(model, ref, forward=None) -> list[str]:
+    """Every difference between `model` (materialized) and `ref` (single-process load), as text."""
+    bad = []
+    got, want = _tensors(model), _tensors(ref)
+    if set(got) != set(want):
+        bad.append(f"names differ: {sorted(set(got) ^ set(want))[:5]}")
+    for n in sorted(set(got) & set(want)):
+        g, w = got[n], want[n]
+        if g.is_meta or g.device.type != "cpu":
+            bad.append(f"{n} on {g.device}")
+        elif type(g) is not type(w) or g.requires_grad != w.requires_grad:
+            bad.append(f"{n}: {type(g).__name__}/requires_grad={g.requires_grad}, want "
+                       f"{type(w).__name__}/{w.requires_grad}")
+        elif g.dtype != w.dtype or g.shape != w.shape or not torch.equal(g, w):
+            bad.append(f"{n}: values/dtype/shape differ")
+    if _tie_groups(model) != _tie_groups(ref):
+        bad.append(f"tie groups differ: {_tie_groups(model) ^ _tie_groups(ref)}")
+    if forward is not None and not bad:
+        a, b = forward(model), forward(ref)
+        if not torch.equal(a, b):
+            bad.append("forward outputs (logits) differ")
+    return bad
+
+
+def _hf_forward(model):
+    return models.logits(model, models.example_inputs(model))
+
+
+def _seed_shape(path):
+    """The model a non-src rank had after the seed PR: meta params, non-persistent buffers real but
+    locally made (deliberately wrong here, so the test proves src's values replace them)."""
+    model = models.build_meta(path)
+    persistent = set(model.state_dict())
+    for name, buf in list(model.named_buffers()):
+        if name not in persistent:
+            mod_name, _, attr = name.rpartition(".")
+            model.get_submodule(mod_name)._buffers[attr] = torch.full(buf.shape, 3, dtype=buf.dtype)
+    return model
+
+
+# ------------------------------------------------------------------------------------ workers
+
+def _hf_worker(rank, world, paths, mode):
+    from fsdp_fastload import materialize
+
+    out = {}
+    for name, path in paths.items():
+        try:
+            if rank == 0:
+                model = models.load_reference(path)
+            elif mode == "meta":
+                model = models.build_meta(path)
+            elif mode == "seed_shape":
+                model = _seed_shape(path)
+            else:  # transformers' own cpu-ram-efficient flow on non-zero local ranks
+                model = models.build_seed_flow(path, allow_non_meta=True)
+            materialize(model, "cpu", poison=True, verify=True)
+            out[name] = compare(model, models.load_reference(path), _hf_forward)
+        except Exception as e:
+            out[name] = [f"raised {type(e).__name__}: {e}"]
+    return out
+
+
+def _plain_worker(rank, world, names, bucket_size):
+    from fsdp_fastload import materialize
+
+    out = {}
+    for name in names:
+        build = models.PLAIN_CASES[name]
+        model = build(device="cpu" if rank == 0 else "meta")
+        materialize(model, "cpu", poison=True, bucket_size=bucket_size)
+        ref = build(device="cpu")
+        out[name] = compare(model, ref, lambda m: m(m.example_input()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ckpt"))
+    return {name: models.make_checkpoint(name, root) for name in HF}
+
+
+@pytest.fixture(scope="module")
+def hf_2ranks(ckpts):
+    return run_ranks(_hf_worker, 2, ckpts, "meta")
+
+
+@pytest.fixture(scope="module")
+def hf_3ranks(ckpts):
+    return run_ranks(_hf_worker, 3, ckpts, "meta")
+
+
+@pytest.mark.parametrize("name", HF)
+def test_transformers_2ranks_bit_exact(hf_2ranks, name):
+    for rank, res in enumerate(hf_2ranks):
+        assert res[name] == [], f"rank {rank}: {res[name]}"
+
+
+@pytest.mark.parametrize("name", HF)
+def test_transformers_3ranks_bit_exact(hf_3ranks, name):
+    for rank, res in enumerate(hf_3ranks):
+        assert res[name] == [], f"rank {rank}: {res[name]}"
+
+
+@pytest.mark.parametrize("mode", ["seed_shape", "seed_flow"])
+def test_seed_flow_receivers_end_identical(ckpts, mode):
+    paths = {n: ckpts[n] for n in ("llama", "gemma3_bf16", "bert_mlm")}
+    for rank, res in enumerate(run_ranks(_hf_worker, 2, paths, mode)):
+        for name, bad in res.items():
+            assert bad == [], f"rank {rank} {name}: {bad}"
+
+
+@pytest.mark.parametrize("world,bucket_size", [(2, 32 << 20), (3, 64), (2, 100)])
+def test_plain_modules(world, bucket_size):
+    # Tiny buckets split tensors across many broadcasts (and bucket edges mid-tensor).
+    for rank, res in enumerate(run_ranks(_plain_worker, world, PLAIN, bucket_size)):
+        for name, bad in res.items():
+            assert bad == [], f"rank {rank} {name}: {bad}"
+
+
+def test_single_process_without_process_group():
+    from fsdp_fastload import MaterializeError, materialize
+
+    model = models.PLAIN_CASES["kitchen_sink"](device="cpu")
+    ref = models.PLAIN_CASES["kitchen_sink"](device="cpu")
+    materialize(model, poison=True)
+    assert compare(model, ref, lambda m: m(m.example_input())) == []
+    assert model.tied.a.weight is model.head.weight
+    with pytest.raises(MaterializeError, match="src=1 without an initialised process group"):
+        materialize(model, src=1)
+    meta = models.PLAIN_CASES["tied3"](device="meta")
+    with pytest.raises(MaterializeError, match=r"src holds 2 tensor\(s\) on the meta device, e.g. \[.a.weight., .b.bias.\]"):
+        materialize(meta)
+
+
+# --------------------------------------------------------------------------- errors on every rank
+
+class _OddParam(nn.Parameter):
+    pass
+
+
+def _error_cases(rank):
+    """name -> (build(rank) -> module, materialize kwargs, expected message regex)."""
+    on = lambda r: "cpu" if r == 0 else "meta"  # noqa: E731
+
+    def lin(out_features=3, dtype=torch.float32, extra=False, r=None):
+        def build(r):
+            with torch.device(on(r)):
+                layers = [nn.Linear(4, 4), nn.Linear(4, out_features, dtype=dtype)]
+                if extra:
+                    layers.append(nn.Linear(out_features, 2))
+                return nn.Sequential(*layers)
+        return build
+
+    def tie(r):
+        return models.PLAIN_CASES["tied3"](device=on(r)) if r == 0 else _untied()
+
+    def _untied():
+        with torch.device("meta"):
+            m = models.TiedNet.__new__(models.TiedNet)
+            nn.Module.__init__(m)
+            m.a, m.b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4)
+            m.c = nn.Module()
+            m.c.inner = nn.Linear(4, 4, bias=False)
+            m.c.inner.weight = m.a.weight  # b.weight is its own tensor here
+        return m
+
+    def persist(r):
+        m = nn.Module()
+        with torch.device(on(r)):
+            m.register_buffer("table", torch.ones(3), persistent=(r == 0))
+        return m
+
+    def odd(r):
+        m = nn.Linear(2, 2, device=on(r))
+        if r == 0:
+            m.weight = _OddParam(m.weight.detach())
+        return m
+
+    return {
+        "extra_layer": (lambda r: lin(extra=(r == 0))(r), {}, r"'2.weight' exists on rank 0 but not on rank 1"),
+        "dtype": (lambda r: lin(dtype=torch.float64 if r else torch.float32)(r), {},
+                  r"'1.weight' has dtype torch.float32 on rank 0 but torch.float64 on rank 1"),
+        "shape": (lambda r: lin(out_features=5 if r else 3)(r), {},
+                  r"'1.weight' has shape \(3, 4\) on rank 0 but \(5, 4\) on rank 1"),
+        "tie": (tie, {}, r"'a.weight' is tied to \['b.weight', 'c.inner.weight'\] on rank 0 but to "
+                         r"\['c.inner.weight'\] on rank 1"),
+        "persistence": (persist, {}, r"buffer 'table' is persistent on rank 0 but non-persistent on rank 1"),
+        "src_meta": (lambda r: lin()(1), {}, r"rank 0: src holds 4 tensor\(s\) on the meta device.*load the model on src"),
+        "subclass": (odd, {}, r"rank 0: not supported: tensor subclasses \['weight \(_OddParam\)'\]"),
+        "state_dict": (lambda r: lin()(r), {"state_dict": {} if rank == 0 else None},
+                       r"rank 0: state_dict= is not supported yet"),
+        "one_rank_bad_device": (lambda r: lin()(r), {"device": "meta" if rank == 1 else "cpu"},
+                                r"rank 1: device='meta' is not a place to load to"),
+    }
+
+
+def _errors_worker(rank, world):
+    from fsdp_fastload import MaterializeError, materialize
+
+    out = {}
+    for name, (build, kwargs, _) in _error_cases(rank).items():
+        model = build(rank)
+        before = {n: (t, t.clone() if not t.is_meta else None) for n, t in _tensors(model).items()}
+        try:
+            materialize(model, **{"device": "cpu", **kwargs})
+            out[name] = "no error"
+            continue
+        except MaterializeError as e:
+            out[name] = str(e)
+        # Nothing changed: src keeps its tensors (same objects, same values); receivers stay meta.
+        after = _tensors(model)
+        for n, (t, val) in before.items():
+            if after[n] is not t or (val is not None and not torch.equal(after[n], val)):
+                out[name] += f" | MODEL CHANGED at {n}"
+    # The group is still in step after all those failures: a good call works.
+    model = models.PLAIN_CASES["kitchen_sink"](device="cpu" if rank == 0 else "meta")
+    materialize(model, "cpu")
+    out["after"] = compare(model, models.PLAIN_CASES["kitchen_sink"](device="cpu"))
+    return out
+
+
+def test_mismatches_raise_on_every_rank():
+    results = run_ranks(_errors_worker, 2, timeout=180)
+    cases = _error_cases(0)
+    for rank, res in enumerate(results):
+        assert res.pop("after") == []
+        for name, msg in res.items():
+            pattern = cases[name][2]
+            assert "MODEL CHANGED" not in msg, f"rank {rank} {name}: {msg}"
+            assert pytest.importorskip("re").search(pattern, msg), f"rank {rank} {name}: {msg!r} !~ {pattern!r}"
+            assert f"this is rank {rank}" in msg
+
+
+def _src_outside_group_worker(rank, world):
+    import torch.distributed as dist
+
+    from fsdp_fastload import MaterializeError, materialize
+
+    group = dist.new_group([0, 1])
+    if rank == 2:
+        return "not called"
+    model = nn.Linear(2, 2, device="cpu" if rank == 0 else "meta")
+    try:
+        materialize(model, "cpu", src=2, group=group)
+    except MaterializeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_src_outside_group_raises_on_every_member():
+    res = run_ranks(_src_outside_group_worker, 3)
+    for rank in (0, 1):
+        assert f"(rank {rank}): src=2 is not in the process group (its global ranks are [0, 1])" in res[rank]
+
+
+def _cuda_worker(rank, world):
+    from fsdp_fastload import MaterializeError, materialize
+
+    model = nn.Linear(2, 2, device="cpu" if rank == 0 else "meta")
+    try:
+        materialize(model, "cuda")
+    except MaterializeError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_device_without_cuda_raises_on_every_rank():
+    for rank, msg in enumerate(run_ranks(_cuda_worker, 2)):
+        assert "rank 0: device=cuda but CUDA is not available" in msg and "rank 1:" in msg, msg
+
+
+def _subgroup_worker(rank, world):
+    import torch.distributed as dist
+
+    from fsdp_fastload import materialize
+
+    group = dist.new_group([1, 2])
+    if rank == 0:
+        return []
+    build = models.PLAIN_CASES["kitchen_sink"]
+    model = build(device="cpu" if rank == 2 else "meta")
+    materialize(model, "cpu", src=2, group=group, verify=True)
+    return compare(model, build(device="cpu"), lambda m: m(m.example_input()))
+
+
+def test_subgroup_with_nonzero_src():
+    assert run_ranks(_subgroup_worker, 3) == [[], [], []]
+
+
+def test_hang_is_reported_by_the_watchdog():
+    # The harness itself: a rank stuck in a collective is a failure with a message, not a stuck CI.
+    with pytest.raises(TimeoutError, match=r"watchdog: ranks \[0, 1\] of 2 did not finish within 15 s \(a hang\)"):
+        run_ranks(_hang_worker, 2, timeout=15, env={"PG_TIMEOUT": "60"})
+
+
+def _hang_worker(rank, world):
+    import torch.distributed as dist
+
+    import time
+
+    if rank == 1:
+        dist.broadcast(torch.zeros(1), src=0)  # rank 0 never sends
+    time.sleep(60)  # rank 0 stays alive, so rank 1 waits (not errors) until the watchdog fires
+    return "done"
