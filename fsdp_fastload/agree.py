@@ -17,17 +17,20 @@ class MaterializeError(RuntimeError):
 
 
 def agree(*, group, src: int, rank: int, comm_device: torch.device, fp: int, summary: list[tuple],
-          error: str | None) -> None:
-    """Raise MaterializeError on every rank if any rank has an error or a different fingerprint."""
+          error: str | None, extra: int = 0) -> int:
+    """Raise MaterializeError on every rank if any rank has an error or a different fingerprint.
+
+    Returns src's `extra` word (how src tells every rank about its plan in the same collective).
+    """
     world = dist.get_world_size(group)
-    mine = torch.tensor([fp, 1 if error else 0], dtype=torch.int64, device=comm_device)
+    mine = torch.tensor([fp, 1 if error else 0, extra], dtype=torch.int64, device=comm_device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     rows = [tuple(int(x) for x in g.cpu()) for g in gathered]
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
     src_i = ranks.index(src)
     if all(r[1] == 0 for r in rows) and all(r[0] == rows[src_i][0] for r in rows):
-        return
+        return rows[src_i][2]
     details: list = [None] * world
     dist.all_gather_object(details, (rank, error, summary), group=group)
     problems = [f"rank {r}: {err}" for r, err, _ in details if err]

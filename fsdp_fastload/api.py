@@ -1,9 +1,10 @@
-"""`materialize`: rank src's model onto every rank (manifest -> layout -> alloc -> fill -> install)."""
+"""`materialize`: rank src's values onto every rank (manifest -> layout -> alloc -> fill -> install)."""
 from __future__ import annotations
 
 import logging
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -11,10 +12,12 @@ from torch import nn
 
 from . import ops
 from .agree import MaterializeError, agree
+from .buffers import POISON, recompute
 from .fill import Packer, broadcast_fill
 from .install import install
 from .layout import plan
 from .manifest import Entry, build_manifest, fingerprint, summary
+from .source import CheckpointError, match, open_source
 from .verify import verify as _verify
 
 logger = logging.getLogger("fsdp_fastload")
@@ -24,6 +27,9 @@ _TUNING = {
     "max_inflight": 4,  # broadcasts in flight before waiting on the oldest
     "poison": False,  # fill fresh storage with 0xFF first (NaN in floats): proves every byte is written
     "progress": None,  # None: a progress line on src for loads > 1 GiB on a terminal; False: never
+    "strict": False,  # state_dict: unexpected checkpoint keys are an error (else a warning on src)
+    "buffer_init": None,  # callable(module) that sets a module's non-persistent buffers
+    "read_threads": 4,  # threads reading safetensors byte ranges on src
 }
 _SUPPORTED_CLASSES = ("Parameter", "Tensor")
 
@@ -35,11 +41,18 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
                 **tuning) -> nn.Module:
     """Give every rank rank `src`'s parameters and buffers, on `device`, in one collective call.
 
-    On rank ``src`` the values come from ``module`` itself (real tensors on CPU, mmap-backed is fine,
-    or on a device); on every other rank ``module`` is the same architecture built on ``meta``.
-    Afterwards, on every rank: every parameter and buffer (non-persistent ones included) is on
-    ``device`` and bit-identical to src's; ties are one object under every name; ``nn.Parameter`` and
-    ``requires_grad`` are kept. Ranks whose models differ raise on every rank before any data moves.
+    1. Values: on rank ``src`` from ``state_dict`` if given (a mapping name -> tensor, a
+       ``.safetensors`` file, or a directory with ``model.safetensors`` or sharded files and their
+       index), else from ``module`` itself (real tensors, mmap-backed is fine). Every other rank
+       passes ``state_dict=None`` and a ``module`` of the same architecture, usually on ``meta``.
+    2. Afterwards, on every rank: every parameter and buffer is on ``device`` and bit-identical to
+       what single-process loading gives; ties are one object under every name; ``nn.Parameter``
+       and ``requires_grad`` kept; the module's dtypes win over the checkpoint's.
+    3. Non-persistent buffers come from src when it has them; otherwise every rank recomputes them
+       locally (transformers ``_init_weights``, the module's ``reset_parameters``/``init_weights``,
+       or ``buffer_init``) without touching anything loaded. A buffer nobody wrote is an error.
+    4. Ranks whose models differ, or any rank with a bad argument, raise ``MaterializeError`` on
+       every rank before any data moves; a failed call leaves the module as it was.
 
     Args:
         module: the model (modified in place and returned).
@@ -47,10 +60,11 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
         src: global rank holding the values.
         group: process group (default: the world). Without an initialised process group the call
             works locally (``src`` must be 0).
-        state_dict: reserved for the checkpoint source; not supported yet (must be ``None``).
+        state_dict: the source on rank ``src`` (see 1); ``None`` on the other ranks.
         verify: all-gather per-tensor checksums afterwards and raise naming any tensor that differs.
-        **tuning: ``bucket_size`` (bytes, default 32 MiB), ``max_inflight`` (4), ``poison`` (False),
-            ``progress`` (None: auto).
+        **tuning: ``bucket_size`` (bytes, 32 MiB), ``max_inflight`` (4), ``poison`` (False),
+            ``progress`` (None: auto), ``strict`` (False), ``buffer_init`` (None),
+            ``read_threads`` (4).
 
     Example::
 
@@ -95,6 +109,7 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
                                    "given group; call materialize only on the group's members.")
         is_src, backend = rank == src, str(dist.get_backend(group))
 
+    # 1. manifest, local checks, the src's plan; then agreement across ranks before any data moves.
     error: str | None = None
     try:
         device = _resolve_device(device, backend)
@@ -104,35 +119,78 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
     if error is None and distributed and device.type == "cpu" and "gloo" not in backend:
         error = (f"backend '{backend}' cannot broadcast CPU tensors (device={device}). "
                  "Use a gloo process group for CPU targets, or pass a CUDA device.")
-
     entries = build_manifest(module)
     if error is None:
-        error = _check_local(entries, is_src=is_src, state_dict=state_dict, device=device)
-
+        error = _check_local(entries, is_src=is_src, state_dict=state_dict)
+    src_plan = None
+    if error is None and is_src and state_dict is not None:
+        try:
+            src_plan, error = match(entries, open_source(state_dict), strict=opts["strict"])
+        except CheckpointError as e:
+            error = str(e)
+        if src_plan is not None and src_plan.unexpected:
+            warnings.warn(f"fsdp_fastload.materialize: {len(src_plan.unexpected)} checkpoint key(s) not "
+                          f"in the model were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
     if distributed:
-        agree(group=group, src=src, rank=rank, comm_device=comm_device,
-              fp=fingerprint(entries) ^ src, summary=summary(entries), error=error)
+        has_plan = agree(group=group, src=src, rank=rank, comm_device=comm_device,
+                         fp=fingerprint(entries) ^ src, summary=summary(entries), error=error,
+                         extra=int(src_plan is not None))
     elif error:
         raise MaterializeError(f"fsdp_fastload.materialize: {error}")
+    else:
+        has_plan = src_plan is not None
+    wire = _share_plan(entries, src_plan, has_plan, distributed=distributed, src=src, group=group,
+                       comm_device=comm_device)
     t_agree = time.perf_counter()
 
-    layout = plan(entries, opts["bucket_size"])
-    flat = ops.alloc(layout.total, device)
+    # 2-3. layout, one allocation (plus a wire buffer for dtype-converted tensors), all views.
+    layout = plan(entries, opts["bucket_size"], wire)
+    main = ops.alloc(layout.main_total, device)
+    wirebuf = ops.alloc(layout.wire_total - layout.direct, device)
     if opts["poison"]:
-        ops.poison_(flat)
-    spec = ops.encode_spec([e.dtype for e in entries], layout.offsets, [e.shape for e in entries])
-    views = ops.carve(flat, spec)
+        ops.poison_(main)
+        ops.poison_(wirebuf)
+    views = ops.carve(main, ops.encode_spec([e.dtype for e in entries], layout.final,
+                                            [e.shape for e in entries]))
+    conv = [i for i, e in enumerate(entries) if wire[i] is not None and wire[i] != e.dtype]
+    wire_views = ops.carve(wirebuf, ops.encode_spec([wire[i] for i in conv],
+                                                    [layout.wire[i] - layout.direct for i in conv],
+                                                    [entries[i].shape for i in conv]))
+    local = [i for i in range(len(entries)) if wire[i] is None]
     t_alloc = time.perf_counter()
 
-    packer = Packer([e.tensor for e in entries], layout, entries) if is_src else None
+    # 4. fill: bucket by bucket, src packing/reading the next while the current one is in flight.
+    if is_src:
+        sources = src_plan.sources if src_plan is not None else [e.tensor for e in entries]
+        packer = Packer(sources, layout, read_threads=opts["read_threads"])
+    else:
+        packer = None
+
+    def target(a: int, b: int) -> torch.Tensor:
+        return main[a:b] if b <= layout.direct else wirebuf[a - layout.direct:b - layout.direct]
+
     if distributed:
-        broadcast_fill(flat, layout, is_src=is_src, packer=packer, src=src, group=group,
+        broadcast_fill(target, layout, is_src=is_src, packer=packer, src=src, group=group, device=device,
                        max_inflight=opts["max_inflight"], progress=opts["progress"])
     else:
-        for s, e, piece in packer.pieces(0, layout.total):
-            flat[s:e].copy_(piece)
+        for a, b in layout.buckets:
+            packer.pack(a, b, target(a, b))
+    for i, w in zip(conv, wire_views):
+        views[i].copy_(w)  # "send bf16, upcast after": the module's dtype wins
+    del wire_views, wirebuf
     t_fill = time.perf_counter()
 
+    # 5-6. non-persistent buffers nobody sent: recomputed locally; then verify and install.
+    if local:
+        for i in local:
+            v = views[i]
+            if v.numel():
+                ops.poison_(main[layout.final[i]:layout.final[i] + entries[i].nbytes], POISON)
+        error = recompute(module, entries, views, local, opts["buffer_init"])
+        if distributed:
+            agree(group=group, src=src, rank=rank, comm_device=comm_device, fp=0, summary=[], error=error)
+        elif error:
+            raise MaterializeError(f"fsdp_fastload.materialize: {error}")
     if verify and distributed:
         _verify(entries, views, group=group, src=src, rank=rank, comm_device=comm_device)
     install(entries, views)
@@ -142,6 +200,21 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
          phases={"agree": t_agree - t_start, "alloc": t_alloc - t_agree, "fill": t_fill - t_alloc,
                  "install": t_end - t_fill})
     return module
+
+
+def _share_plan(entries, src_plan, has_plan, *, distributed, src, group, comm_device):
+    """Wire dtype per entry (None: recomputed locally). src's plan reaches every rank in one broadcast."""
+    if not has_plan:
+        return [e.dtype for e in entries]
+    if src_plan is not None:
+        codes = torch.tensor([-1 if w is None else ops.DTYPE_CODE[w] for w in src_plan.wire],
+                             dtype=torch.int64)
+    else:
+        codes = torch.empty(len(entries), dtype=torch.int64)
+    if distributed:
+        codes = codes.to(comm_device)
+        dist.broadcast(codes, src=src, group=group)
+    return [None if c < 0 else ops._DTYPES[c] for c in codes.tolist()]
 
 
 def _resolve_device(device, backend: str) -> torch.device:
@@ -161,7 +234,7 @@ def _resolve_device(device, backend: str) -> torch.device:
     return device
 
 
-def _check_local(entries: list[Entry], *, is_src: bool, state_dict, device: torch.device) -> str | None:
+def _check_local(entries: list[Entry], *, is_src: bool, state_dict) -> str | None:
     """Problems this rank can see alone; reported to every rank through `agree`."""
     odd = [e.names[0] + f" ({e.cls})" for e in entries if e.cls not in _SUPPORTED_CLASSES]
     if odd:
@@ -169,15 +242,18 @@ def _check_local(entries: list[Entry], *, is_src: bool, state_dict, device: torc
                 "(quantized or sharded parameters such as DTensor). Materialize the plain model "
                 "first, then shard or quantize it.")
     if not is_src:
+        if state_dict is not None:
+            return ("state_dict was passed on a rank that is not src; only src reads the checkpoint. "
+                    "Pass state_dict=... if rank == src else None.")
         return None
     if state_dict is not None:
-        return ("state_dict= is not supported yet; load the model on src (e.g. from_pretrained) "
-                "and call materialize(model) instead.")
+        return None
     meta = [e.names[0] for e in entries if e.tensor.is_meta]
     if meta:
         return (f"src holds {len(meta)} tensor(s) on the meta device, e.g. {meta[:10]}. "
                 "src must hold the real values: load the model on src (from_pretrained or "
-                "load_state_dict(assign=True)) before calling materialize.")
+                "load_state_dict(assign=True)), or pass state_dict= (a mapping, a .safetensors file "
+                "or a checkpoint directory) on src.")
     return None
 
 
@@ -185,12 +261,14 @@ def _log(*, rank, is_src, entries, layout, device, phases) -> None:
     total = sum(phases.values())
     nbytes = sum(e.nbytes for e in entries)
     last_stats.clear()
-    last_stats.update(rank=rank, bytes=nbytes, tensors=len(entries), buckets=len(layout.buckets),
-                      device=str(device), seconds=total, **{f"{k}_s": v for k, v in phases.items()})
+    last_stats.update(rank=rank, bytes=nbytes, sent_bytes=layout.wire_total, tensors=len(entries),
+                      buckets=len(layout.buckets), device=str(device), seconds=total,
+                      **{f"{k}_s": v for k, v in phases.items()})
     if is_src and logger.isEnabledFor(logging.INFO):
         fill = phases["fill"]
         logger.info(
-            "fsdp_fastload.materialize: %.1f MB, %d tensors, %d buckets to %s in %.3f s "
+            "fsdp_fastload.materialize: %.1f MB (%.1f MB sent), %d tensors, %d buckets to %s in %.3f s "
             "(agree %.3f, alloc %.3f, fill %.3f at %.2f GB/s, install %.3f)",
-            nbytes / 1e6, len(entries), len(layout.buckets), device, total, phases["agree"],
-            phases["alloc"], fill, nbytes / fill / 1e9 if fill > 0 else float("inf"), phases["install"])
+            nbytes / 1e6, layout.wire_total / 1e6, len(entries), len(layout.buckets), device, total,
+            phases["agree"], phases["alloc"], fill,
+            layout.wire_total / fill / 1e9 if fill > 0 else float("inf"), phases["install"])

@@ -217,8 +217,11 @@ def _error_cases(rank):
         "persistence": (persist, {}, r"buffer 'table' is persistent on rank 0 but non-persistent on rank 1"),
         "src_meta": (lambda r: lin()(1), {}, r"rank 0: src holds 4 tensor\(s\) on the meta device.*load the model on src"),
         "subclass": (odd, {}, r"rank 0: not supported: tensor subclasses \['weight \(_OddParam\)'\]"),
-        "state_dict": (lambda r: lin()(r), {"state_dict": {} if rank == 0 else None},
-                       r"rank 0: state_dict= is not supported yet"),
+        "state_dict_missing": (lambda r: lin()(1), {"state_dict": {} if rank == 0 else None},
+                               r"rank 0: 4 persistent tensor\(s\) missing from the checkpoint: "
+                               r"\['0.weight', '0.bias', '1.weight', '1.bias'\]"),
+        "state_dict_on_receiver": (lambda r: lin()(r), {"state_dict": {} if rank == 1 else None},
+                                   r"rank 1: state_dict was passed on a rank that is not src"),
         "one_rank_bad_device": (lambda r: lin()(r), {"device": "meta" if rank == 1 else "cpu"},
                                 r"rank 1: device='meta' is not a place to load to"),
     }

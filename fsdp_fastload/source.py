@@ -1,0 +1,216 @@
+"""The `state_dict=` source on rank src: a mapping of tensors, a `.safetensors` file, or a directory.
+
+Safetensors headers are parsed and validated here before a byte of data is read: length inside the
+file, JSON well-formed, dtypes known, `shape x itemsize == byte span`, spans inside the data section and
+not overlapping. Data is later read with the `read_ranges` op straight into (staging or final) buffers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "C64": torch.complex64,
+}
+_MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or directory that cannot be read as it claims; names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """One tensor inside a safetensors file: absolute byte offset in the file, dtype, shape."""
+
+    path: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def parse_header(path: str) -> dict[str, FileTensor]:
+    """Validate a safetensors file's header and return name -> FileTensor (reads only the header)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than the "
+                                      "8-byte header length). The file is truncated or empty.")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise CheckpointError(f"{path}: header length {n} runs past the end of the file "
+                                      f"({size} bytes). The file is truncated or not safetensors.")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({e}). The file is corrupt.") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object (got {type(header).__name__})")
+    data_start, data_len = 8 + n, size - 8 - n
+    out: dict[str, FileTensor] = {}
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor '{name}'"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: entry is not an object")
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise CheckpointError(f"{where}: unknown dtype {info.get('dtype')!r} "
+                                  f"(known: {', '.join(SAFETENSORS_DTYPES)})")
+        shape, offs = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                for s in shape)):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offs, list) and len(offs) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            raise CheckpointError(f"{where}: data_offsets {offs!r} is not [begin, end]")
+        begin, end = offs
+        if not 0 <= begin <= end <= data_len:
+            raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] fall outside the data section "
+                                  f"of {data_len} bytes. The file is truncated or its header lies.")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel * dtype.itemsize != end - begin:
+            raise CheckpointError(f"{where}: shape {shape} x {dtype.itemsize} bytes = "
+                                  f"{numel * dtype.itemsize} bytes, but its span is {end - begin} bytes")
+        spans.append((begin, end, name))
+        out[name] = FileTensor(path, data_start + begin, end - begin, dtype, tuple(shape))
+    spans.sort()
+    reach, owner = 0, None  # the furthest end of any non-empty span so far, and whose
+    for b, e, name in spans:
+        if b < e:
+            if b < reach:
+                raise CheckpointError(f"{path}: tensors '{owner[2]}' [{owner[0]}, {owner[1]}) and "
+                                      f"'{name}' [{b}, {e}) overlap. The file is corrupt.")
+            if e > reach:
+                reach, owner = e, (b, e, name)
+    return out
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a file path or a directory (sharded via its index, or single)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that do not exist: {missing[:5]}. "
+                                  "Copy the complete checkpoint directory.")
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not found:
+        raise CheckpointError(f"{path}: directory holds no .safetensors file (and no "
+                              "model.safetensors.index.json). Save with save_pretrained or pass a mapping.")
+    return [os.path.join(path, f) for f in found]
+
+
+def open_source(state_dict) -> dict[str, torch.Tensor | FileTensor]:
+    """name -> tensor (mapping source) or FileTensor (safetensors source), validated."""
+    if isinstance(state_dict, Mapping):
+        bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointError(f"state_dict values must be tensors; {bad[:5]} are not")
+        return dict(state_dict)
+    if isinstance(state_dict, (str, os.PathLike)):
+        out: dict[str, torch.Tensor | FileTensor] = {}
+        for f in checkpoint_files(state_dict):
+            for name, ft in parse_header(f).items():
+                if name in out:
+                    raise CheckpointError(f"tensor '{name}' appears in two files ({f} and "
+                                          f"{getattr(out[name], 'path', '?')})")
+                out[name] = ft
+        return out
+    raise CheckpointError(f"state_dict must be a mapping of tensors, a .safetensors file or a "
+                          f"checkpoint directory (got {type(state_dict).__name__})")
+
+
+_FLOATS = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+
+
+@dataclass
+class Plan:
+    """What src sends for each manifest entry: its source and wire dtype, or None (recompute locally)."""
+
+    sources: list  # per entry: torch.Tensor | FileTensor | None
+    wire: list  # per entry: torch.dtype | None
+    unexpected: list[str]
+
+
+def match(entries, source: dict, *, strict: bool) -> tuple[Plan | None, str | None]:
+    """Map checkpoint keys onto manifest entries; (plan, None) or (None, error text). Moves no data."""
+    sources, wire, missing, problems = [], [], [], []
+    used: set[str] = set()
+    for e in entries:
+        key = next((n for n in e.names if n in source), None)
+        if key is None:
+            if e.persistent:
+                missing.append(e.names[0])
+            sources.append(None)
+            wire.append(None)
+            continue
+        used.update(n for n in e.names if n in source)
+        v = source[key]
+        if isinstance(v, torch.Tensor) and type(v) not in (torch.Tensor, torch.nn.Parameter):
+            problems.append(f"not supported: '{key}' is a {type(v).__name__} (a tensor subclass such as a "
+                            "DTensor or a quantized tensor); pass plain full tensors")
+            continue
+        shape = tuple(v.shape)
+        if shape != e.shape:
+            problems.append(f"'{key}' has shape {shape} in the checkpoint but {e.shape} in the model")
+            continue
+        if isinstance(v, torch.Tensor) and v.is_meta:
+            problems.append(f"'{key}' is a meta tensor in state_dict; it holds no values")
+            continue
+        if v.dtype != e.dtype and not (v.dtype in _FLOATS and e.dtype in _FLOATS):
+            problems.append(f"'{key}' is {v.dtype} in the checkpoint but {e.dtype} in the model; only "
+                            "floating-point dtypes convert exactly. Build the model with the "
+                            "checkpoint's dtype")
+            continue
+        sources.append(v)
+        wire.append(v.dtype if v.dtype.itemsize < e.dtype.itemsize else e.dtype)
+    unexpected = sorted(k for k in source if k not in used)
+    if missing:
+        hint = ""
+        if unexpected:
+            hint = (f" The checkpoint also has {len(unexpected)} key(s) the model does not, e.g. "
+                    f"{unexpected[:3]}: its names may need transformers' own conversion (renamed or "
+                    "fused expert weights). Load the model with from_pretrained on src and call "
+                    "materialize(model) without state_dict.")
+        problems.insert(0, f"{len(missing)} persistent tensor(s) missing from the checkpoint: "
+                           f"{missing[:10]}{' ...' if len(missing) > 10 else ''}.{hint}")
+    elif unexpected and strict:
+        problems.append(f"{len(unexpected)} unexpected key(s) in the checkpoint (strict=True): "
+                        f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    if problems:
+        return None, "; ".join(problems[:5])
+    return Plan(sources=sources, wire=wire, unexpected=unexpected), None
