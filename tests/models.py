@@ -351,7 +351,7 @@ def load_reference(path: str, dtype: torch.dtype | None = None) -> nn.Module:
     return model.eval()
 
 
-def build_meta(path: str) -> nn.Module:
+def build_meta(path: str, dtype: torch.dtype | None = None) -> nn.Module:
     """The architecture of ``path`` on ``meta``, as a user builds it on non-src ranks::
 
         config = AutoConfig.from_pretrained(path)
@@ -371,7 +371,7 @@ def build_meta(path: str) -> nn.Module:
     cfg = tf.AutoConfig.from_pretrained(path)
     cls = _model_cls(path)
     with torch.device("meta"):
-        model = cls._from_config(cfg)
+        model = cls._from_config(cfg) if dtype is None else cls._from_config(cfg, dtype=dtype)
     return model.eval()
 
 

@@ -1,0 +1,286 @@
+"""materialize(..., state_dict=...) on real gloo ranks: every rank meta, src streams the checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from dist_harness import run_ranks
+from test_materialize import compare
+
+from fsdp_fastload.source import CheckpointError, checkpoint_files, parse_header
+
+KEYS_MATCH = [n for n, s in models.TRANSFORMERS_CASES.items() if s.checkpoint_keys_match]
+
+
+def _hf_forward(model):
+    return models.logits(model, models.example_inputs(model))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ckpt"))
+    out = {name: models.make_checkpoint(name, root) for name in models.TRANSFORMERS_CASES}
+    out["llama-sharded"] = models.make_checkpoint("llama", root, shard=True)
+    out["gemma3-sharded"] = models.make_checkpoint("gemma3", root, shard=True)
+    return out
+
+
+def _source(kind, path):
+    if kind == "dir":
+        return path
+    if kind == "file":
+        (f,) = checkpoint_files(path)
+        return f
+    from safetensors.torch import load_file  # a mapping of (mmap-backed) tensors
+    sd = {}
+    for f in checkpoint_files(path):
+        sd.update(load_file(f))
+    return sd
+
+
+def _sd_worker(rank, world, cases, kind, dtype):
+    from fsdp_fastload import materialize
+
+    out = {}
+    for name, path in cases.items():
+        try:
+            model = models.build_meta(path, dtype)
+            sd = _source(kind, path) if rank == 0 else None
+            materialize(model, "cpu", state_dict=sd, poison=True, verify=True, bucket_size=1 << 16)
+            out[name] = compare(model, models.load_reference(path, dtype), _hf_forward)
+        except Exception as e:
+            out[name] = [f"raised {type(e).__name__}: {e}"]
+    return out
+
+
+def _check(results):
+    for rank, res in enumerate(results):
+        for name, bad in res.items():
+            assert bad == [], f"rank {rank} {name}: {bad}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_directories_bit_exact(ckpts, world):
+    cases = {n: ckpts[n] for n in KEYS_MATCH + ["llama-sharded", "gemma3-sharded"]}
+    _check(run_ranks(_sd_worker, world, cases, "dir", None))
+
+
+@pytest.mark.parametrize("kind", ["file", "mapping"])
+def test_file_and_mapping_sources(ckpts, kind):
+    names = ["llama", "qwen2_tied", "bert_mlm"] + (["gemma3-sharded"] if kind == "mapping" else [])
+    _check(run_ranks(_sd_worker, 2, {n: ckpts[n] for n in names}, kind, None))
+
+
+@pytest.mark.parametrize("names,dtype", [
+    (["llama_bf16", "gemma3_bf16"], torch.float32),   # bf16 checkpoint into fp32: send bf16, upcast after
+    (["llama", "gemma3", "bert_mlm"], torch.bfloat16),  # fp32 checkpoint into bf16: src converts
+    (["llama"], torch.float16),
+])
+def test_dtype_conversion_equals_from_pretrained_dtype(ckpts, names, dtype):
+    _check(run_ranks(_sd_worker, 2, {n: ckpts[n] for n in names}, "dir", dtype))
+
+
+# --------------------------------------------------------------------------- bad keys, every rank
+
+def _bad_keys_worker(rank, world, ckpts):
+    from safetensors.torch import load_file
+
+    from fsdp_fastload import MaterializeError, materialize
+
+    base = load_file(os.path.join(ckpts["llama"], "model.safetensors"))
+    missing = {k: v for k, v in base.items() if not k.endswith("layers.1.mlp.up_proj.weight")}
+    extra = {**base, "model.extra.weight": torch.zeros(2)}
+    shaped = {**base, "model.norm.weight": torch.zeros(7)}
+    typed = {**base, "model.norm.weight": base["model.norm.weight"].to(torch.int32)}
+    cases = {
+        "missing": ({"state_dict": missing}, r"rank 0: 1 persistent tensor\(s\) missing from the "
+                                             r"checkpoint: \['model.layers.1.mlp.up_proj.weight'\]"),
+        "strict": ({"state_dict": extra, "strict": True},
+                   r"1 unexpected key\(s\) in the checkpoint \(strict=True\): \['model.extra.weight'\]"),
+        "shape": ({"state_dict": shaped}, r"'model.norm.weight' has shape \(7,\) in the checkpoint but "
+                                          r"\(64,\) in the model"),
+        "dtype": ({"state_dict": typed}, r"'model.norm.weight' is torch.int32 in the checkpoint but "
+                                         r"torch.float32 in the model; only floating-point"),
+        "moe_names": ({"state_dict": ckpts["mixtral"]},
+                      r"persistent tensor\(s\) missing.*mlp.experts.*transformers' own conversion.*"
+                      r"from_pretrained on src"),
+    }
+    out = {}
+    for name, (kw, _) in cases.items():
+        path = ckpts["mixtral"] if name == "moe_names" else ckpts["llama"]
+        model = models.build_meta(path)
+        if rank != 0:
+            kw = {k: v for k, v in kw.items() if k != "state_dict"}
+        try:
+            materialize(model, "cpu", **kw)
+            out[name] = "no error"
+        except MaterializeError as e:
+            out[name] = str(e)
+            still_meta = all(t.is_meta for t in model.state_dict().values())
+            out[name] += "" if still_meta else " | MODEL CHANGED"
+    # unexpected keys without strict: a warning on src, and the load is exact
+    model = models.build_meta(ckpts["llama"])
+    import warnings
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        materialize(model, "cpu", state_dict=extra if rank == 0 else None)
+    out["warned"] = [str(x.message) for x in w if "not in the model were ignored" in str(x.message)]
+    out["exact"] = compare(model, models.load_reference(ckpts["llama"]), _hf_forward)
+    return {k: (v, cases[k][1]) if k in cases else v for k, v in out.items()}
+
+
+def test_bad_keys_raise_on_every_rank(ckpts):
+    for rank, res in enumerate(run_ranks(_bad_keys_worker, 2, ckpts)):
+        assert res.pop("exact") == []
+        warned = res.pop("warned")
+        assert (len(warned) == 1 and "model.extra.weight" in warned[0]) if rank == 0 else warned == []
+        for name, (msg, pattern) in res.items():
+            assert "MODEL CHANGED" not in msg, msg
+            assert re.search(pattern, msg), f"rank {rank} {name}: {msg!r} !~ {pattern!r}"
+            assert f"this is rank {rank}" in msg
+
+
+# --------------------------------------------------------------------------- non-persistent buffers
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding owning a non-persistent scale; its reset_parameters re-randomises the weight too
+    (the shape of the seed's bug: a whole-module initializer next to loaded weights)."""
+
+    def __init__(self, n, d):
+        super().__init__(n, d)
+        self.register_buffer("scale", torch.tensor(d ** 0.5), persistent=False)
+
+    def reset_parameters(self):
+        super().reset_parameters()  # would destroy a loaded weight
+        if hasattr(self, "scale"):
+            self.scale.fill_(self.embedding_dim ** 0.5)
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = ScaledEmbedding(10, 4)
+        self.buf = models.BufferNet()
+
+    def forward(self, x):
+        return self.emb(x).sum() + self.buf(self.buf.example_input())
+
+
+def _buffer_worker(rank, world, with_callback):
+    from fsdp_fastload import MaterializeError, materialize
+
+    torch.manual_seed(0)
+    ref = Net()
+    sd = ref.state_dict()
+    with torch.device("meta"):
+        model = Net()
+
+    def buffer_init(mod):
+        if isinstance(mod, models.BufferNet):
+            pos = torch.arange(4, dtype=torch.float32)[:, None]
+            mod.table.copy_(torch.sin(pos / torch.arange(1, 4, dtype=torch.float32)[None, :]))
+            mod.index = torch.arange(7, dtype=torch.int64) * 3  # assigned, not written in place
+
+    try:
+        materialize(model, "cpu", state_dict=sd if rank == 0 else None,
+                    buffer_init=buffer_init if with_callback else None)
+    except MaterializeError as e:
+        return str(e), all(t.is_meta for t in model.state_dict().values())
+    return compare(model, ref, lambda m: m(torch.arange(6))), None
+
+
+def test_buffers_recomputed_without_touching_loaded_weights():
+    for rank, (bad, _) in enumerate(run_ranks(_buffer_worker, 2, True)):
+        assert bad == [], f"rank {rank}: {bad}"
+
+
+def test_unwritten_buffer_is_an_error_naming_it():
+    for rank, (msg, still_meta) in enumerate(run_ranks(_buffer_worker, 2, False)):
+        assert re.search(r"2 non-persistent buffer\(s\) were neither sent by src nor written by any "
+                         r"initializer: 'buf.table' \(torch.float32, \[4, 3\]; tried: nothing\); "
+                         r"'buf.index'.*Pass buffer_init=", msg), msg
+        assert still_meta, "a failed call must leave the module as it was"
+
+
+# --------------------------------------------------------------------------- file validation
+
+def _write(path, header: dict | bytes, data: bytes = b"", n: int | None = None):
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw) if n is None else n) + raw + data)
+    return str(path)
+
+
+BAD_FILES = [
+    ("truncated", lambda p: open(p, "wb").write(b"\x01\x02") and str(p), "shorter than the 8-byte header"),
+    ("length", lambda p: _write(p, {}, n=1 << 40), "header length 1099511627776 runs past the end"),
+    ("json", lambda p: _write(p, b"{not json"), "header is not valid JSON"),
+    ("dtype", lambda p: _write(p, {"a": {"dtype": "F12", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+     "tensor 'a': unknown dtype 'F12'"),
+    ("span", lambda p: _write(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 8),
+     r"tensor 'a': shape \[2\] x 4 bytes = 8 bytes, but its span is 4 bytes"),
+    ("outside", lambda p: _write(p, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+     r"data_offsets \[0, 16\] fall outside the data section of 8 bytes"),
+    ("overlap", lambda p: _write(p, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                     "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
+     r"tensors 'a' \[0, 8\) and 'b' \[4, 12\) overlap"),
+    ("shape", lambda p: _write(p, {"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}),
+     "is not a list of non-negative integers"),
+]
+
+
+@pytest.mark.parametrize("name,make,msg", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_parse_header_rejects_lying_files(tmp_path, name, make, msg):
+    path = make(tmp_path / f"{name}.safetensors")
+    with pytest.raises(CheckpointError, match=msg) as e:
+        parse_header(path)
+    assert path in str(e.value)
+
+
+def test_parse_header_accepts_real_file(ckpts):
+    (f,) = checkpoint_files(ckpts["llama"])
+    from safetensors import safe_open
+    with safe_open(f, "pt") as s:
+        keys = set(s.keys())
+        hdr = parse_header(f)
+        assert set(hdr) == keys
+        for k in keys:
+            t = s.get_tensor(k)
+            assert hdr[k].dtype == t.dtype and hdr[k].shape == tuple(t.shape)
+
+
+def test_checkpoint_dirs(tmp_path, ckpts):
+    with pytest.raises(CheckpointError, match="holds no .safetensors file"):
+        checkpoint_files(str(tmp_path))
+    idx = tmp_path / "model.safetensors.index.json"
+    idx.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"names shard files that do not exist: \['model-00001"):
+        checkpoint_files(str(tmp_path))
+    assert len(checkpoint_files(ckpts["llama-sharded"])) > 1
+
+
+def _bad_file_worker(rank, world, path):
+    from fsdp_fastload import MaterializeError, materialize
+
+    model = nn.Linear(2, 2, device="meta")
+    try:
+        materialize(model, "cpu", state_dict=path if rank == 0 else None)
+    except MaterializeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_bad_file_raises_on_every_rank(tmp_path):
+    path = _write(tmp_path / "bad.safetensors", b"{not json")
+    for rank, msg in enumerate(run_ranks(_bad_file_worker, 2, path)):
+        assert f"rank 0: {path}: header is not valid JSON" in msg and f"this is rank {rank}" in msg, msg
