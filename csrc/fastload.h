@@ -12,9 +12,8 @@ namespace fsdp_fastload {
 c10::ScalarType dtype_from_code(int64_t code);
 int64_t num_dtype_codes();
 
-// One uninitialized byte buffer of `nbytes` on `device`. CPU buffers are anonymous mappings
-// (2 MiB aligned, MADV_HUGEPAGE when large) and are never touched; other devices go through
-// PyTorch's allocator (CUDA: the caching allocator; pin_memory: the pinned host allocator).
+// One uninitialized byte buffer of `nbytes` on `device`, through PyTorch's allocators (CUDA: the
+// caching allocator; pin_memory: the pinned host allocator). No fill kernel, no page touched.
 at::Tensor alloc(int64_t nbytes, at::Device device, bool pin_memory);
 
 // All views described by `spec` over the 1-D uint8 tensor `flat`, in one call.

@@ -5,7 +5,9 @@ Rank `src` holds the weights, every other rank a `meta` skeleton; one collective
 """
 from .agree import MaterializeError
 from .api import materialize
-from .ops import extension_available
+from .ops import _load_extension, extension_available
+
+_load_extension()  # once, at import (never raises; logs why if it falls back)
 
 __all__ = ["materialize", "MaterializeError", "extension_available"]
 __version__ = "0.1.0"

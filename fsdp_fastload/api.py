@@ -1,6 +1,8 @@
 """`materialize`: rank src's values onto every rank (manifest -> layout -> alloc -> fill -> install)."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import time
@@ -23,7 +25,8 @@ from .verify import verify as _verify
 logger = logging.getLogger("fsdp_fastload")
 
 _TUNING = {
-    "bucket_size": 32 << 20,  # bytes per broadcast
+    "bucket_size": 4 << 20,  # bytes per broadcast of packed small tensors
+    "direct_min": 1 << 20,  # tensors at least this big get broadcasts of their own (src sends in place)
     "max_inflight": 4,  # broadcasts in flight before waiting on the oldest
     "poison": False,  # fill fresh storage with 0xFF first (NaN in floats): proves every byte is written
     "progress": None,  # None: a progress line on src for loads > 1 GiB on a terminal; False: never
@@ -62,7 +65,7 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
             works locally (``src`` must be 0).
         state_dict: the source on rank ``src`` (see 1); ``None`` on the other ranks.
         verify: all-gather per-tensor checksums afterwards and raise naming any tensor that differs.
-        **tuning: ``bucket_size`` (bytes, 32 MiB), ``max_inflight`` (4), ``poison`` (False),
+        **tuning: ``bucket_size`` (bytes, 4 MiB), ``direct_min`` (1 MiB), ``max_inflight`` (4), ``poison`` (False),
             ``progress`` (None: auto), ``strict`` (False), ``buffer_init`` (None),
             ``read_threads`` (4).
 
@@ -84,7 +87,25 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
     if unknown:
         raise TypeError(f"materialize() got unknown tuning option(s) {sorted(unknown)}; "
                         f"known: {sorted(_TUNING)}")
-    opts = {**_TUNING, **tuning}
+    with _gc_paused():
+        return _materialize(module, device, src=src, group=group, state_dict=state_dict, verify=verify,
+                            opts={**_TUNING, **tuning})
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """A full collection of a big model's object graph, triggered by the many small objects made
+    here, costs ~0.2 s and frees nothing of ours: defer it until the call returns."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.Module:
     t_start = time.perf_counter()
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -133,7 +154,8 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
                           f"in the model were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
     if distributed:
         has_plan = agree(group=group, src=src, rank=rank, comm_device=comm_device,
-                         fp=fingerprint(entries) ^ src, summary=summary(entries), error=error,
+                         fp=fingerprint(entries, (src, opts["bucket_size"], opts["direct_min"])),
+                         summary=summary(entries), error=error,
                          extra=int(src_plan is not None))
     elif error:
         raise MaterializeError(f"fsdp_fastload.materialize: {error}")
@@ -144,7 +166,22 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
     t_agree = time.perf_counter()
 
     # 2-3. layout, one allocation (plus a wire buffer for dtype-converted tensors), all views.
-    layout = plan(entries, opts["bucket_size"], wire)
+    layout = plan(entries, opts["bucket_size"], wire, direct_min=opts["direct_min"])
+    if is_src and src_plan is None and all(_kept_in_place(e, device) for e in entries):
+        # src's tensors already live on `device`: it sends from them and keeps them (no copy at all).
+        t_alloc = time.perf_counter()
+        if distributed:
+            packer = Packer([e.tensor for e in entries], layout, read_threads=opts["read_threads"])
+            broadcast_fill(None, layout, is_src=True, packer=packer, src=src, group=group, device=device,
+                           max_inflight=opts["max_inflight"], progress=opts["progress"])
+        t_fill = time.perf_counter()
+        if verify and distributed:
+            _verify(entries, [e.tensor for e in entries], group=group, src=src, rank=rank,
+                    comm_device=comm_device)
+        _log(rank=rank, is_src=is_src, entries=entries, layout=layout, device=device,
+             phases={"agree": t_agree - t_start, "alloc": 0.0, "fill": t_fill - t_alloc,
+                     "install": time.perf_counter() - t_fill})
+        return module
     main = ops.alloc(layout.main_total, device)
     wirebuf = ops.alloc(layout.wire_total - layout.direct, device)
     if opts["poison"]:
@@ -215,6 +252,12 @@ def _share_plan(entries, src_plan, has_plan, *, distributed, src, group, comm_de
         codes = codes.to(comm_device)
         dist.broadcast(codes, src=src, group=group)
     return [None if c < 0 else ops._DTYPES[c] for c in codes.tolist()]
+
+
+def _kept_in_place(e: Entry, device: torch.device) -> bool:
+    t = e.tensor
+    return (not t.is_meta and t.device == device and t.is_contiguous()
+            and type(t) in (torch.Tensor, nn.Parameter))
 
 
 def _resolve_device(device, backend: str) -> torch.device:

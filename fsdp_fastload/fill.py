@@ -65,6 +65,18 @@ class Packer:
         self.views[i] = bv
         return bv
 
+    def direct_view(self, a: int, b: int) -> torch.Tensor | None:
+        """The source bytes of [a, b) when they lie inside one source tensor (send without a copy)."""
+        i = self.first
+        while i < len(self.spans) and self.spans[i][1] <= a:
+            i += 1
+        if i < len(self.spans) and self.spans[i][0] <= a and b <= self.spans[i][1]:
+            start, end, k = self.spans[i]
+            bv = self._bytes(k)
+            if bv is not None:
+                return bv[a - start:b - start]
+        return None
+
     def pack(self, a: int, b: int, dst: torch.Tensor, *, defer_device: bool = False) -> list:
         """Fill `dst` (uint8, covering [a, b)); with `defer_device`, return device pieces instead."""
         i = self.first
@@ -123,10 +135,17 @@ def _progress(total: int) -> Callable[[int, float], None] | None:
     return show
 
 
-def broadcast_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, is_src: bool,
+def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: Layout, *, is_src: bool,
                    packer: Packer | None, src: int, group, device: torch.device,
                    max_inflight: int = 4, progress: bool | None = None) -> None:
-    """Fill every bucket's `target(a, b)` on every rank with src's bytes (collective)."""
+    """Fill every bucket's `target(a, b)` on every rank with src's bytes (collective).
+
+    `target=None` on src means src keeps its own tensors (already on `device`): a bucket inside one
+    tensor is sent straight from it, other buckets are packed into two reused staging buffers.
+    """
+    if is_src and target is None:
+        return _send_kept(layout, packer, src=src, group=group, device=device,
+                          max_inflight=max_inflight, progress=progress)
     cuda = device.type == "cuda"
     staging: list[torch.Tensor] = []
     events: list = [None, None]
@@ -171,3 +190,36 @@ def _pack_cuda(dst, a, b, packer, stage, events, slot, copy_stream, device) -> N
         ev.record(copy_stream)
     events[slot] = ev
     torch.cuda.current_stream(device).wait_event(ev)  # NCCL orders itself after the current stream
+
+
+def _send_kept(layout: Layout, packer: Packer, *, src, group, device, max_inflight, progress) -> None:
+    show = _progress(layout.wire_total) if progress is not False else None
+    t0 = time.perf_counter()
+    inflight: deque = deque()
+    biggest = max((b - a for a, b in layout.buckets), default=0)
+    slots: list[torch.Tensor | None] = [None, None]  # staging, allocated on first use
+    slot_work: list = [None, None]  # the broadcast that last read each staging buffer
+    packed = 0
+    for a, b in layout.buckets:
+        buf = packer.direct_view(a, b)
+        slot = None
+        if buf is None:
+            slot, packed = packed % 2, packed + 1
+            if slot_work[slot] is not None:
+                slot_work[slot].wait()
+            if slots[slot] is None:
+                slots[slot] = ops.alloc(biggest, device)
+            buf = slots[slot][:b - a]
+            packer.pack(a, b, buf)
+        while len(inflight) >= max_inflight:
+            inflight.popleft().wait()
+        work = dist.broadcast(buf, src=src, group=group, async_op=True)
+        inflight.append(work)
+        if slot is not None:
+            slot_work[slot] = work
+        if show:
+            show(b, t0)
+    while inflight:
+        inflight.popleft().wait()
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()

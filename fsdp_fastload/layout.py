@@ -16,6 +16,7 @@ import torch
 from .manifest import Entry
 
 ALIGN = 64  # bytes: >= every dtype's itemsize, and a cache line
+DIRECT_CHUNK = 64 << 20  # a big tensor is broadcast in pieces of at most this (or the bucket size)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ def _align(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
-def plan(entries: list[Entry], bucket_size: int, wire: list[torch.dtype | None] | None = None) -> Layout:
+def plan(entries: list[Entry], bucket_size: int, wire: list[torch.dtype | None] | None = None, *,
+         direct_min: int | None = None) -> Layout:
     """`wire[i]`: dtype entry i travels in (None: recomputed locally); default: all sent as they are."""
     if wire is None:
         wire = [e.dtype for e in entries]
@@ -61,7 +63,31 @@ def plan(entries: list[Entry], bucket_size: int, wire: list[torch.dtype | None] 
         woff[i] = w
         w = _align(w + entries[i].numel * wire[i].itemsize)
     bucket_size = max(_align(int(bucket_size)), ALIGN)
-    buckets = [(s, min(s + bucket_size, direct)) for s in range(0, direct, bucket_size)]
-    buckets += [(s, min(s + bucket_size, w)) for s in range(direct, w, bucket_size)]
+    spans = [(woff[i], woff[i] + entries[i].numel * wire[i].itemsize) for i in direct_ids + conv_ids]
+    direct_min = bucket_size // 2 if direct_min is None else max(int(direct_min), 1)
+    buckets = _buckets([sp for sp in spans if sp[1] > sp[0]], bucket_size, direct, direct_min)
     return Layout(final=final, main_total=main_total, wire=woff, wire_dtype=list(wire), direct=direct,
                   wire_total=w, buckets=buckets)
+
+
+def _buckets(spans: list[tuple[int, int]], size: int, boundary: int, direct_min: int) -> list[tuple[int, int]]:
+    """Byte ranges to broadcast. A tensor of at least `direct_min` bytes gets buckets of its own (so
+    src can send it straight from where it lives; pieces of up to DIRECT_CHUNK bytes); runs of
+    smaller tensors share a bucket of at most `size` bytes, which src packs. No bucket crosses `boundary` (the end of the main buffer's wire part)."""
+    out: list[tuple[int, int]] = []
+    group: list[int] | None = None  # [start, end] of the open run of small tensors
+    for s, e in spans:
+        big = e - s >= direct_min
+        if group is not None and (big or e - group[0] > size or (group[1] <= boundary < e)):
+            out.append((group[0], group[1]))
+            group = None
+        if big:
+            chunk = max(size, DIRECT_CHUNK)
+            out.extend((a, min(a + chunk, e)) for a in range(s, e, chunk))
+        elif group is None:
+            group = [s, e]
+        else:
+            group[1] = e
+    if group is not None:
+        out.append((group[0], group[1]))
+    return out

@@ -75,9 +75,10 @@ def build_manifest(module: nn.Module) -> list[Entry]:
     return entries
 
 
-def fingerprint(entries: list[Entry]) -> int:
-    """A 63-bit hash of what must agree across ranks."""
+def fingerprint(entries: list[Entry], extra: tuple = ()) -> int:
+    """A 63-bit hash of what must agree across ranks (the manifest, and `extra` call arguments)."""
     h = hashlib.blake2b(digest_size=8)
+    h.update(repr(extra).encode())
     for e in entries:
         h.update(repr(e.describe()).encode())
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)

@@ -141,11 +141,6 @@ def test_alloc_touches_no_memory(impl):
 
 
 @needs_ext
-def test_alloc_cpu_is_hugepage_aligned():
-    assert ops.alloc(8 << 20, "cpu").data_ptr() % (2 << 20) == 0
-
-
-@needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 def test_alloc_shape_and_device(device):
     for n in (0, 1, 12345, 5 << 20):
