@@ -41,8 +41,8 @@ def agree(*, group, src: int, rank: int, comm_device: torch.device, fp: int, sum
                 problems.append(first_difference(ref, src, summ, r))
                 break
         else:
-            problems.append("the models agree but the ranks passed different src= or tuning options "
-                            "(bucket_size, direct_min); pass the same values on every rank")
+            problems.append("the models agree but the ranks passed different src= values; pass the "
+                            "same src on every rank")
         problems.append(
             "Every rank must build the same architecture (same config, dtype, ties and buffer "
             "persistence) before calling materialize.")

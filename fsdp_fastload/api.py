@@ -17,7 +17,7 @@ from .agree import MaterializeError, agree
 from .buffers import POISON, recompute
 from .fill import Packer, broadcast_fill
 from .install import install
-from .layout import plan
+from .layout import Layout, plan
 from .manifest import Entry, build_manifest, fingerprint, summary
 from .source import CheckpointError, match, open_source
 from .verify import verify as _verify
@@ -25,8 +25,8 @@ from .verify import verify as _verify
 logger = logging.getLogger("fsdp_fastload")
 
 _TUNING = {
-    "bucket_size": 4 << 20,  # bytes per broadcast of packed small tensors
-    "direct_min": 1 << 20,  # tensors at least this big get broadcasts of their own (src sends in place)
+    "bucket_size": None,  # bytes per packed broadcast; None: total/32 clamped to [4, 16] MiB
+    "direct_min": None,  # tensors this big get broadcasts of their own (sent in place); None: bucket/2
     "max_inflight": 4,  # broadcasts in flight before waiting on the oldest
     "poison": False,  # fill fresh storage with 0xFF first (NaN in floats): proves every byte is written
     "progress": None,  # None: a progress line on src for loads > 1 GiB on a terminal; False: never
@@ -65,7 +65,7 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
             works locally (``src`` must be 0).
         state_dict: the source on rank ``src`` (see 1); ``None`` on the other ranks.
         verify: all-gather per-tensor checksums afterwards and raise naming any tensor that differs.
-        **tuning: ``bucket_size`` (bytes, 4 MiB), ``direct_min`` (1 MiB), ``max_inflight`` (4), ``poison`` (False),
+        **tuning: ``bucket_size`` (bytes; auto 4-16 MiB), ``direct_min`` (half a bucket), ``max_inflight`` (4), ``poison`` (False),
             ``progress`` (None: auto), ``strict`` (False), ``buffer_init`` (None),
             ``read_threads`` (4).
 
@@ -152,26 +152,34 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         if src_plan is not None and src_plan.unexpected:
             warnings.warn(f"fsdp_fastload.materialize: {len(src_plan.unexpected)} checkpoint key(s) not "
                           f"in the model were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
+    layout = None
+    if error is None and is_src:
+        sources = src_plan.sources if src_plan is not None else [e.tensor for e in entries]
+        bucket = opts["bucket_size"] or _auto_bucket(sum(e.nbytes for e in entries))
+        layout = plan(entries, bucket_size=bucket, direct_min=opts["direct_min"] or bucket // 2,
+                      wire=src_plan.wire if src_plan is not None else None, sources=sources)
     if distributed:
-        has_plan = agree(group=group, src=src, rank=rank, comm_device=comm_device,
-                         fp=fingerprint(entries, (src, opts["bucket_size"], opts["direct_min"])),
-                         summary=summary(entries), error=error,
-                         extra=int(src_plan is not None))
+        encoded = layout.encode() if layout is not None else []
+        n = agree(group=group, src=src, rank=rank, comm_device=comm_device,
+                  fp=fingerprint(entries, (src,)), summary=summary(entries), error=error,
+                  extra=len(encoded))
+        # src's layout reaches every rank in one small broadcast: receivers never guess it.
+        shipped = torch.tensor(encoded, dtype=torch.int64) if is_src else torch.empty(n, dtype=torch.int64)
+        shipped = shipped.to(comm_device)
+        dist.broadcast(shipped, src=src, group=group)
+        if not is_src:
+            layout = Layout.decode(shipped.tolist())
     elif error:
         raise MaterializeError(f"fsdp_fastload.materialize: {error}")
-    else:
-        has_plan = src_plan is not None
-    wire = _share_plan(entries, src_plan, has_plan, distributed=distributed, src=src, group=group,
-                       comm_device=comm_device)
+    wire = layout.wire_dtype
     t_agree = time.perf_counter()
 
     # 2-3. layout, one allocation (plus a wire buffer for dtype-converted tensors), all views.
-    layout = plan(entries, opts["bucket_size"], wire, direct_min=opts["direct_min"])
     if is_src and src_plan is None and all(_kept_in_place(e, device) for e in entries):
         # src's tensors already live on `device`: it sends from them and keeps them (no copy at all).
         t_alloc = time.perf_counter()
         if distributed:
-            packer = Packer([e.tensor for e in entries], layout, read_threads=opts["read_threads"])
+            packer = Packer(sources, layout, read_threads=opts["read_threads"])
             broadcast_fill(None, layout, is_src=True, packer=packer, src=src, group=group, device=device,
                            max_inflight=opts["max_inflight"], progress=opts["progress"])
         t_fill = time.perf_counter()
@@ -198,7 +206,6 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
 
     # 4. fill: bucket by bucket, src packing/reading the next while the current one is in flight.
     if is_src:
-        sources = src_plan.sources if src_plan is not None else [e.tensor for e in entries]
         packer = Packer(sources, layout, read_threads=opts["read_threads"])
     else:
         packer = None
@@ -239,19 +246,14 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     return module
 
 
-def _share_plan(entries, src_plan, has_plan, *, distributed, src, group, comm_device):
-    """Wire dtype per entry (None: recomputed locally). src's plan reaches every rank in one broadcast."""
-    if not has_plan:
-        return [e.dtype for e in entries]
-    if src_plan is not None:
-        codes = torch.tensor([-1 if w is None else ops.DTYPE_CODE[w] for w in src_plan.wire],
-                             dtype=torch.int64)
-    else:
-        codes = torch.empty(len(entries), dtype=torch.int64)
-    if distributed:
-        codes = codes.to(comm_device)
-        dist.broadcast(codes, src=src, group=group)
-    return [None if c < 0 else ops._DTYPES[c] for c in codes.tolist()]
+def _auto_bucket(total: int) -> int:
+    """~32 buckets, so packing/reading the next overlaps sending the current one, within [4, 16] MiB:
+    smaller buckets pay the collective's per-call cost more often (measured on gloo), larger ones
+    delay the first send and grow src's staging."""
+    size = 4 << 20
+    while size < (16 << 20) and size * 32 < total:
+        size *= 2
+    return size
 
 
 def _kept_in_place(e: Entry, device: torch.device) -> bool:

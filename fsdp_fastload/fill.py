@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from .layout import Layout
+from .layout import MAX_GAP, Layout
 from .source import FileTensor
 
 
@@ -39,71 +39,97 @@ def read_file_tensor(ft: FileTensor, *, num_threads: int = 4) -> torch.Tensor:
 class Packer:
     """Writes the wire bytes of a byte range [a, b) into a destination, from tensors or files.
 
-    A safetensors tensor already in its wire dtype is read straight into the destination with the
-    `read_ranges` op (zero-copy on CPU targets); anything else is a tensor whose bytes are copied,
-    converted to the wire dtype first where src must shrink it.
+    Pieces that are back to back at their source with the same spacing as in the layout (a run) are
+    merged: one `read_ranges` range for a file, one copy (or no copy at all: `direct_view`) for
+    memory. A safetensors tensor already in its wire dtype is read straight into the destination
+    (zero-copy on CPU targets); others are converted to the wire dtype first where src must shrink them.
     """
 
     def __init__(self, sources: list, layout: Layout, *, read_threads: int = 4):
         self.layout, self.sources, self.read_threads = layout, sources, read_threads
         self.spans = sorted(
             (layout.wire[i], layout.wire[i] + _numel(s) * layout.wire_dtype[i].itemsize, i)
-            for i, s in enumerate(sources) if layout.wire[i] is not None and _numel(s))
-        self.views: dict[int, torch.Tensor | None] = {}
+            for i, s in enumerate(sources) if layout.wire[i] >= 0 and _numel(s))
+        self.cache: dict[int, tuple] = {}
+        self.storages: dict[int, torch.Tensor] = {}
         self.first = 0
 
-    def _bytes(self, i: int) -> torch.Tensor | None:
-        """Byte view of entry i's wire data, or None when it is read straight from its file."""
-        if i in self.views:
-            return self.views[i]
-        src, wire = self.sources[i], self.layout.wire_dtype[i]
+    def _locate(self, k: int) -> tuple:
+        """(kind, object, byte offset of entry k's first wire byte in that object)."""
+        loc = self.cache.get(k)
+        if loc is not None:
+            return loc
+        src, wire = self.sources[k], self.layout.wire_dtype[k]
         if isinstance(src, FileTensor):
-            bv = None if src.dtype == wire else byte_view(
-                read_file_tensor(src, num_threads=self.read_threads).to(wire))
+            if src.dtype == wire:
+                loc = ("file", src.path, src.offset)
+            else:
+                loc = ("bytes", byte_view(read_file_tensor(src, num_threads=self.read_threads).to(wire)), 0)
+        elif src.dtype == wire and src.is_contiguous():
+            st = src.untyped_storage()
+            sb = self.storages.get(st.data_ptr())
+            if sb is None or sb.device != src.device:
+                sb = torch.empty(0, dtype=torch.uint8, device=src.device).set_(st)
+                self.storages[st.data_ptr()] = sb
+            loc = ("mem", sb, src.storage_offset() * src.element_size())
         else:
-            bv = byte_view(src if src.dtype == wire else src.to(wire))
-        self.views[i] = bv
-        return bv
+            loc = ("bytes", byte_view(src.to(wire)), 0)
+        self.cache[k] = loc
+        return loc
 
-    def direct_view(self, a: int, b: int) -> torch.Tensor | None:
-        """The source bytes of [a, b) when they lie inside one source tensor (send without a copy)."""
-        i = self.first
-        while i < len(self.spans) and self.spans[i][1] <= a:
-            i += 1
-        if i < len(self.spans) and self.spans[i][0] <= a and b <= self.spans[i][1]:
-            start, end, k = self.spans[i]
-            bv = self._bytes(k)
-            if bv is not None:
-                return bv[a - start:b - start]
-        return None
-
-    def pack(self, a: int, b: int, dst: torch.Tensor, *, defer_device: bool = False) -> list:
-        """Fill `dst` (uint8, covering [a, b)); with `defer_device`, return device pieces instead."""
+    def _segments(self, a: int, b: int, consume: bool = True) -> list[list]:
+        """[start, end, kind, object, offset] pieces of [a, b), merged where contiguous at the source."""
         i = self.first
         while i < len(self.spans) and self.spans[i][1] <= a:
             i += 1
         self.first = i
+        segs: list[list] = []
+        while i < len(self.spans) and self.spans[i][0] < b:
+            start, end, k = self.spans[i]
+            kind, obj, off = self._locate(k)
+            s, e = max(start, a), min(end, b)
+            off += s - start
+            last = segs[-1] if segs else None
+            if (last is not None and last[2] == kind and last[3] is obj and kind != "bytes"
+                    and 0 <= s - last[1] <= MAX_GAP and last[4] + (s - last[0]) == off):
+                last[1] = e  # back to back at the source: one piece (the gap's bytes come along)
+            else:
+                segs.append([s, e, kind, obj, off])
+            if end <= b and consume:
+                self.cache.pop(k, None)  # its last piece: drop converted copies as we go
+            i += 1
+        return segs
+
+    def direct_view(self, a: int, b: int) -> torch.Tensor | None:
+        """The source bytes of [a, b) when they are one contiguous piece of memory (send, no copy)."""
+        first = self.first
+        segs = self._segments(a, b, consume=False)
+        self.first = first
+        if len(segs) == 1 and segs[0][0] == a and segs[0][1] == b and segs[0][2] != "file":
+            _, _, _, obj, off = segs[0]
+            view = obj[off:off + b - a]
+            self._segments(a, b)  # consume
+            return view
+        return None  # not sendable as it is: pack() walks the same pieces
+
+    def pack(self, a: int, b: int, dst: torch.Tensor, *, defer_device: bool = False) -> list:
+        """Fill `dst` (uint8, covering [a, b)); with `defer_device`, return device pieces instead."""
         reads: dict[str, tuple[list, list, list]] = {}
         deferred = []
         self.wrote_host = False
-        while i < len(self.spans) and self.spans[i][0] < b:
-            start, end, k = self.spans[i]
-            s, e = max(start, a), min(end, b)
-            bv = self._bytes(k)
-            if bv is None:
-                ft = self.sources[k]
-                fo, do, ln = reads.setdefault(ft.path, ([], [], []))
-                fo.append(ft.offset + s - start)
+        for s, e, kind, obj, off in self._segments(a, b):
+            if kind == "file":
+                fo, do, ln = reads.setdefault(obj, ([], [], []))
+                fo.append(off)
                 do.append(s - a)
                 ln.append(e - s)
-            elif defer_device and bv.is_cuda:
-                deferred.append((s, e, bv[s - start:e - start]))
+                continue
+            piece = obj[off:off + e - s]
+            if defer_device and piece.is_cuda:
+                deferred.append((s, e, piece))
             else:
-                dst[s - a:e - a].copy_(bv[s - start:e - start])
+                dst[s - a:e - a].copy_(piece)
                 self.wrote_host = True
-            if end <= b:
-                self.views.pop(k, None)
-            i += 1
         self.wrote_host |= bool(reads)
         for path, (fo, do, ln) in reads.items():
             ops.read_ranges(path, dst, fo, do, ln, num_threads=self.read_threads)

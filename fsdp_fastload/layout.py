@@ -1,11 +1,15 @@
 """Stage 2, layout: one aligned byte offset per tensor in one flat buffer, and the broadcast buckets.
 
-Every rank computes the same layout from the same manifest and the same plan (which src shares
-as wire dtypes), so no offsets are exchanged. The main buffer holds, in order:
+src plans the layout and ships it to every rank with one small broadcast (receivers never guess).
+The main buffer holds, in order:
   [tensors sent as they are | final storage of converted tensors | buffers recomputed locally].
-Tensors sent in a smaller dtype than the module's ("send bf16, upcast after") travel in a separate
-wire buffer that is freed after conversion. Buckets are byte ranges of the virtual wire space
-[0, direct) -> main[0:direct), [direct, total) -> wire buffer; no bucket crosses `direct`.
+Tensors sent as they are follow src's own placement where it can: tensors that sit back to back in
+src's memory (one storage, e.g. a model mmap-ed from safetensors) or in one safetensors file keep
+their relative positions, so a whole run goes out in a few large broadcasts straight from src's
+memory, or is read from the file with one `pread` per bucket. Tensors sent in a smaller dtype than
+the module's ("send bf16, upcast after") travel in a separate wire buffer, freed after conversion.
+Buckets are byte ranges of the virtual wire space [0, direct) -> main[0:direct),
+[direct, wire_total) -> wire buffer; no bucket crosses `direct`.
 """
 from __future__ import annotations
 
@@ -14,75 +18,135 @@ from dataclasses import dataclass
 import torch
 
 from .manifest import Entry
+from .source import FileTensor
 
 ALIGN = 64  # bytes: >= every dtype's itemsize, and a cache line
-DIRECT_CHUNK = 64 << 20  # a big tensor is broadcast in pieces of at most this (or the bucket size)
+RUN_CHUNK = 32 << 20  # a run of back-to-back (or one big) tensors is broadcast in pieces of this
+MAX_GAP = 4096  # bytes between two tensors that still count as back to back
 
 
 @dataclass(frozen=True)
 class Layout:
     final: list[int]  # per entry: byte offset of its final storage in the main buffer
     main_total: int
-    wire: list[int | None]  # per entry: offset in the virtual wire space (None: not sent)
+    wire: list[int]  # per entry: offset in the virtual wire space (-1: not sent)
     wire_dtype: list[torch.dtype | None]
     direct: int  # wire bytes living in the main buffer
     wire_total: int  # direct + bytes of the separate wire buffer
     buckets: list[tuple[int, int]]
 
-    @property
-    def sent_bytes(self) -> int:
-        return self.wire_total
+    def encode(self) -> list[int]:
+        from .ops import DTYPE_CODE
+
+        codes = [-1 if d is None else DTYPE_CODE[d] for d in self.wire_dtype]
+        flat = [b for ab in self.buckets for b in ab]
+        return [self.main_total, self.direct, self.wire_total, len(self.final), len(self.buckets),
+                *self.final, *self.wire, *codes, *flat]
+
+    @staticmethod
+    def decode(v: list[int]) -> "Layout":
+        from .ops import _DTYPES
+
+        main_total, direct, wire_total, n, nb = v[:5]
+        final, wire, codes = v[5:5 + n], v[5 + n:5 + 2 * n], v[5 + 2 * n:5 + 3 * n]
+        flat = v[5 + 3 * n:5 + 3 * n + 2 * nb]
+        return Layout(final=list(final), main_total=main_total, wire=list(wire),
+                      wire_dtype=[None if c < 0 else _DTYPES[c] for c in codes], direct=direct,
+                      wire_total=wire_total, buckets=list(zip(flat[0::2], flat[1::2])))
 
 
 def _align(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
-def plan(entries: list[Entry], bucket_size: int, wire: list[torch.dtype | None] | None = None, *,
-         direct_min: int | None = None) -> Layout:
-    """`wire[i]`: dtype entry i travels in (None: recomputed locally); default: all sent as they are."""
+def where(src) -> tuple | None:
+    """(key, byte address) of a source's bytes, for sources whose bytes can be sent as they are."""
+    if isinstance(src, FileTensor):
+        return ("file", src.path), src.offset
+    if isinstance(src, torch.Tensor) and not src.is_meta and src.is_contiguous():
+        ptr = src.data_ptr()
+        return ("mem", str(src.device), ptr - src.storage_offset() * src.element_size()), ptr
+    return None
+
+
+def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
+         wire: list[torch.dtype | None] | None = None, sources: list | None = None) -> Layout:
+    """src's layout. `wire[i]`: dtype entry i travels in (None: recomputed locally; default: all
+    sent as they are); `sources[i]`: where its bytes come from (tensor or FileTensor), if known."""
+    n = len(entries)
     if wire is None:
         wire = [e.dtype for e in entries]
-    n = len(entries)
-    final: list[int] = [0] * n
-    woff: list[int | None] = [None] * n
-    off = 0
+    final, woff = [0] * n, [-1] * n
     direct_ids = [i for i in range(n) if wire[i] == entries[i].dtype]
     conv_ids = [i for i in range(n) if wire[i] is not None and wire[i] != entries[i].dtype]
     local_ids = [i for i in range(n) if wire[i] is None]
+
+    # Runs: entries back to back at their source, placed with the same relative offsets.
+    located = []
     for i in direct_ids:
-        final[i] = woff[i] = off
-        off = _align(off + entries[i].nbytes)
-    direct = off
+        loc = where(sources[i]) if sources is not None and entries[i].nbytes else None
+        if loc is not None and (sources is None or sources[i].dtype == entries[i].dtype):
+            located.append((loc[0], loc[1], i))
+    located.sort(key=lambda x: (x[0], x[1]))
+    runs: list[list[tuple[int, int]]] = []  # [(entry, address)]
+    prev_key, prev_end = None, None
+    for key, addr, i in located:
+        if runs and key == prev_key and prev_end <= addr <= prev_end + MAX_GAP:
+            runs[-1].append((i, addr))
+        else:
+            runs.append([(i, addr)])
+        prev_key, prev_end = key, addr + entries[i].nbytes
+    spans: list[tuple[int, int, bool]] = []  # (start, end, sent as one piece at src)
+    off, placed = 0, set()
+    for run in runs:
+        start_addr = run[0][1]
+        base = _align(off) + start_addr % ALIGN  # keep every member's alignment
+        if any((base + a - start_addr) % entries[i].dtype.itemsize for i, a in run):
+            continue  # misaligned at its source: placed alone below
+        for i, a in run:
+            final[i] = woff[i] = base + a - start_addr
+            placed.add(i)
+        last_i, last_a = run[-1]
+        off = base + last_a - start_addr + entries[last_i].nbytes
+        spans.append((final[run[0][0]], off, len(run) > 1 or entries[run[0][0]].nbytes >= direct_min))
+    for i in direct_ids:
+        if i in placed:
+            continue
+        final[i] = woff[i] = off = _align(off)
+        off += entries[i].nbytes
+        if entries[i].nbytes:
+            spans.append((final[i], off, entries[i].nbytes >= direct_min))
+    direct = off = _align(off)
     for i in conv_ids + local_ids:
         final[i] = off
         off = _align(off + entries[i].nbytes)
     main_total = off
     w = direct
+    conv_spans = []
     for i in conv_ids:
         woff[i] = w
-        w = _align(w + entries[i].numel * wire[i].itemsize)
+        nb = entries[i].numel * wire[i].itemsize
+        if nb:
+            conv_spans.append((w, w + nb, nb >= direct_min))
+        w = _align(w + nb)
     bucket_size = max(_align(int(bucket_size)), ALIGN)
-    spans = [(woff[i], woff[i] + entries[i].numel * wire[i].itemsize) for i in direct_ids + conv_ids]
-    direct_min = bucket_size // 2 if direct_min is None else max(int(direct_min), 1)
-    buckets = _buckets([sp for sp in spans if sp[1] > sp[0]], bucket_size, direct, direct_min)
+    buckets = _buckets(sorted(spans), bucket_size) + _buckets(conv_spans, bucket_size)
     return Layout(final=final, main_total=main_total, wire=woff, wire_dtype=list(wire), direct=direct,
                   wire_total=w, buckets=buckets)
 
 
-def _buckets(spans: list[tuple[int, int]], size: int, boundary: int, direct_min: int) -> list[tuple[int, int]]:
-    """Byte ranges to broadcast. A tensor of at least `direct_min` bytes gets buckets of its own (so
-    src can send it straight from where it lives; pieces of up to DIRECT_CHUNK bytes); runs of
-    smaller tensors share a bucket of at most `size` bytes, which src packs. No bucket crosses `boundary` (the end of the main buffer's wire part)."""
+def _buckets(spans: list[tuple[int, int, bool]], size: int) -> list[tuple[int, int]]:
+    """Byte ranges to broadcast. A run (or a tensor of at least `direct_min` bytes) gets buckets of
+    its own, pieces of up to RUN_CHUNK bytes that src sends from where they live; runs of smaller
+    tensors share a bucket of at most `size` bytes, which src packs."""
     out: list[tuple[int, int]] = []
-    group: list[int] | None = None  # [start, end] of the open run of small tensors
-    for s, e in spans:
-        big = e - s >= direct_min
-        if group is not None and (big or e - group[0] > size or (group[1] <= boundary < e)):
+    group: list[int] | None = None  # [start, end] of the open group of small tensors
+    for s, e, big in spans:
+        if group is not None and (big or e - group[0] > size):
             out.append((group[0], group[1]))
             group = None
         if big:
-            chunk = max(size, DIRECT_CHUNK)
+            chunk = max(size, RUN_CHUNK)
             out.extend((a, min(a + chunk, e)) for a in range(s, e, chunk))
         elif group is None:
             group = [s, e]

@@ -26,16 +26,12 @@ class Entry:
     tensor: torch.Tensor = field(repr=False)  # this rank's tensor (meta on receivers)
     owners: list[tuple[nn.Module, str]] = field(repr=False, default_factory=list)
 
-    @property
-    def numel(self) -> int:
+    def __post_init__(self):
         n = 1
         for s in self.shape:
             n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        self.numel = n
+        self.nbytes = n * self.dtype.itemsize
 
     def describe(self) -> tuple:
         """What must agree across ranks (no local state: device, values, storage)."""
