@@ -21,7 +21,7 @@ from .manifest import Entry
 from .source import FileTensor
 
 ALIGN = 64  # bytes: >= every dtype's itemsize, and a cache line
-RUN_CHUNK = 32 << 20  # a run of back-to-back (or one big) tensors is broadcast in pieces of this
+RUN_CHUNK = 4  # a run of back-to-back (or one big) tensors goes out in pieces of 4 buckets
 MAX_GAP = 4096  # bytes between two tensors that still count as back to back
 
 
@@ -137,7 +137,7 @@ def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
 
 def _buckets(spans: list[tuple[int, int, bool]], size: int) -> list[tuple[int, int]]:
     """Byte ranges to broadcast. A run (or a tensor of at least `direct_min` bytes) gets buckets of
-    its own, pieces of up to RUN_CHUNK bytes that src sends from where they live; runs of smaller
+    its own, pieces of up to RUN_CHUNK buckets that src sends from where they live; runs of smaller
     tensors share a bucket of at most `size` bytes, which src packs."""
     out: list[tuple[int, int]] = []
     group: list[int] | None = None  # [start, end] of the open group of small tensors
@@ -146,7 +146,7 @@ def _buckets(spans: list[tuple[int, int, bool]], size: int) -> list[tuple[int, i
             out.append((group[0], group[1]))
             group = None
         if big:
-            chunk = max(size, RUN_CHUNK)
+            chunk = size * RUN_CHUNK
             out.extend((a, min(a + chunk, e)) for a in range(s, e, chunk))
         elif group is None:
             group = [s, e]

@@ -103,6 +103,44 @@ def _plain_worker(rank, world, names, bucket_size):
     return out
 
 
+class SharedStorageNet(nn.Module):
+    """Parameters and buffers that are views of shared storages: gaps, an overlap, odd alignment."""
+
+    def __init__(self):
+        super().__init__()
+        base = torch.arange(400, dtype=torch.float32) * 0.37
+        half = (torch.arange(64, dtype=torch.float32) * 1.7).to(torch.bfloat16)
+        self.a = nn.Parameter(base[0:30].view(5, 6))
+        self.b = nn.Parameter(base[33:45])  # a 12-byte gap after a
+        self.c = nn.Parameter(base[40:60])  # overlaps b
+        self.e = nn.Parameter(base[64:128].view(8, 8), requires_grad=False)
+        self.h = nn.Parameter(half[3:10])  # 6 bytes into its storage
+        self.register_buffer("i", half[11:20].clone())
+        self.register_buffer("j", torch.arange(5, dtype=torch.int16), persistent=False)
+
+    def forward(self, x):
+        return (x @ self.a).sum() + self.b.sum() * self.c.sum() + self.e.sum() + self.h.float().sum() \
+            + self.i.float().sum() + self.j.sum()
+
+
+def _shared_storage_worker(rank, world, bucket_size):
+    from fsdp_fastload import materialize
+
+    if rank == 0:
+        model = SharedStorageNet()
+    else:
+        with torch.device("meta"):
+            model = SharedStorageNet()
+    materialize(model, "cpu", poison=True, verify=True, bucket_size=bucket_size)
+    return compare(model, SharedStorageNet(), lambda m: m(torch.ones(3, 5)))
+
+
+@pytest.mark.parametrize("bucket_size", [64, 128, 1 << 20])
+def test_params_sharing_storage(bucket_size):
+    # src sends runs of back-to-back tensors straight from their shared storage, in pieces.
+    assert run_ranks(_shared_storage_worker, 2, bucket_size) == [[], []]
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ckpt"))
