@@ -187,6 +187,72 @@ def m_ours(model, rank, ctx):
     return materialize(model, torch.device("cpu"), src=ctx.src)
 
 
+@method("ours_sd", setup="meta", prepare=_ours_prepare, requires=("fsdp_fastload:materialize",),
+        note="every rank meta; materialize(model, cpu, state_dict=<checkpoint dir> on rank 0): "
+             "reads safetensors on rank 0, pipelined into the broadcast (end to end)")
+def m_ours_sd(model, rank, ctx):
+    import torch
+    from fsdp_fastload import materialize
+
+    return materialize(model, torch.device("cpu"), src=ctx.src,
+                       state_dict=str(ctx.ckpt_dir) if rank == ctx.src else None)
+
+
+def _read_floor_prepare(model, rank, ctx):
+    from fsdp_fastload.source import checkpoint_files, parse_header
+
+    ctx.state["ranges"] = {f: sorted((t.offset, t.nbytes) for t in parse_header(f).values())
+                           for f in checkpoint_files(str(ctx.ckpt_dir))}
+
+
+@method("read_floor", setup="meta", prepare=_read_floor_prepare, check=False,
+        requires=("fsdp_fastload:materialize",),
+        note="rank 0 only reads every tensor's bytes from the safetensors files into fresh memory "
+             "(read_ranges op, no broadcast): with `floor`, ours_sd's own floor is max(read, floor)")
+def m_read_floor(model, rank, ctx):
+    import torch
+    from fsdp_fastload import ops
+
+    if rank != ctx.src:
+        return
+    for f, rs in ctx.state["ranges"].items():
+        total = sum(n for _, n in rs)
+        buf = ops.alloc(total, "cpu")
+        dst, do = [], 0
+        for _, n in rs:
+            dst.append(do)
+            do += n
+        ops.read_ranges(f, buf, [o for o, _ in rs], dst, [n for _, n in rs], num_threads=4)
+        ctx.state.setdefault("bufs", []).append(buf)
+
+
+@method("hf_every_rank", setup="meta", note="transformers from_pretrained on every rank (whole load, no "
+                                             "broadcast; end to end)")
+def m_hf_every_rank(model, rank, ctx):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ctx.ckpt_dir, dtype=torch.bfloat16)
+
+
+@method("hf0_ddp_sync", setup="meta", note="end to end: from_pretrained on rank 0, then the DDP/FSDP1 "
+                                            "sync (the best correct peer broadcast)")
+def m_hf0_ddp_sync(model, rank, ctx):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.utils import _sync_module_states
+    from transformers import AutoModelForCausalLM
+
+    if rank == ctx.src:
+        model = AutoModelForCausalLM.from_pretrained(ctx.ckpt_dir, dtype=torch.bfloat16)
+    else:
+        model.to_empty(device="cpu")
+        _retie(model)
+    _sync_module_states(model, dist.distributed_c10d._get_default_group(), 250 * 1024 * 1024, ctx.src,
+                        params_and_buffers_to_ignore=set(), broadcast_buffers=True)
+    return model
+
+
 # -- DDP / FSDP1 ------------------------------------------------------------------------------------
 
 
