@@ -30,4 +30,11 @@ void poison_(at::Tensor& flat, int64_t value);
 void read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_offsets,
                  at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads);
 
+// Copy byte ranges of several contiguous tensors into the flat uint8 `dst`: range i copies
+// lengths[i] bytes starting at byte src_offsets[i] of srcs[i] to dst bytes dst_offsets[i]...
+// One call per bucket replaces a Python loop of per-tensor copies (memcpy on CPU; ATen copies
+// when a tensor lives on a device). Every range is validated first.
+void copy_ranges(at::Tensor& dst, at::TensorList srcs, at::IntArrayRef src_offsets,
+                 at::IntArrayRef dst_offsets, at::IntArrayRef lengths);
+
 }  // namespace fsdp_fastload

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -122,16 +123,20 @@ void read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   TORCH_CHECK(fd >= 0, "fsdp_fastload read_ranges: cannot open ", path, ": ", std::strerror(errno));
   struct Closer { int fd; ~Closer() { ::close(fd); } } closer{fd};
-  const off_t file_size = ::lseek(fd, 0, SEEK_END);
+  struct stat st {};
+  TORCH_CHECK(::fstat(fd, &st) == 0 && S_ISREG(st.st_mode), "fsdp_fastload read_ranges: ", path,
+              " is not a regular file. Pass the path of a safetensors file.");
+  const int64_t file_size = static_cast<int64_t>(st.st_size);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t fo = file_offsets[i], d = dst_offsets[i], len = lengths[i];
     TORCH_CHECK(fo >= 0 && d >= 0 && len >= 0, "fsdp_fastload read_ranges: range ", i,
                 " has a negative offset or length");
     TORCH_CHECK(len <= dst_bytes && d <= dst_bytes - len, "fsdp_fastload read_ranges: range ", i,
-                " writes bytes [", d, ", ", d + len, ") outside the destination of ", dst_bytes, " bytes");
+                " writes bytes [", d, ", ", uint64_t(d) + uint64_t(len), ") outside the destination of ",
+                dst_bytes, " bytes");
     TORCH_CHECK(len <= file_size && fo <= file_size - len, "fsdp_fastload read_ranges: range ", i,
-                " reads bytes [", fo, ", ", fo + len, ") past the end of ", path, " (", file_size,
-                " bytes). The file is truncated or its header lies.");
+                " reads bytes [", fo, ", ", uint64_t(fo) + uint64_t(len), ") past the end of ", path, " (",
+                file_size, " bytes). The file is truncated or its header lies.");
   }
 #ifdef POSIX_FADV_SEQUENTIAL
   ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
@@ -175,10 +180,52 @@ void read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_
   TORCH_CHECK(!short_read, "fsdp_fastload read_ranges: ", path, " ended early (was it truncated while reading?)");
 }
 
+void copy_ranges(at::Tensor& dst, at::TensorList srcs, at::IntArrayRef src_offsets,
+                 at::IntArrayRef dst_offsets, at::IntArrayRef lengths) {
+  check_flat(dst, "fsdp_fastload copy_ranges");
+  const int64_t n = static_cast<int64_t>(srcs.size());
+  TORCH_CHECK(static_cast<int64_t>(src_offsets.size()) == n &&
+                  static_cast<int64_t>(dst_offsets.size()) == n &&
+                  static_cast<int64_t>(lengths.size()) == n,
+              "fsdp_fastload copy_ranges: srcs, src_offsets, dst_offsets and lengths differ in length");
+  const int64_t dst_bytes = dst.numel();
+  bool all_cpu = dst.is_cpu();
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& s = srcs[i];
+    const int64_t so = src_offsets[i], d = dst_offsets[i], len = lengths[i];
+    TORCH_CHECK(s.is_contiguous(), "fsdp_fastload copy_ranges: source ", i, " is not contiguous");
+    const int64_t s_bytes = s.numel() * static_cast<int64_t>(s.element_size());
+    TORCH_CHECK(so >= 0 && d >= 0 && len >= 0, "fsdp_fastload copy_ranges: range ", i,
+                " has a negative offset or length");
+    TORCH_CHECK(len <= s_bytes && so <= s_bytes - len, "fsdp_fastload copy_ranges: range ", i,
+                " reads bytes [", so, ", ", so + len, ") outside its source of ", s_bytes, " bytes");
+    TORCH_CHECK(len <= dst_bytes && d <= dst_bytes - len, "fsdp_fastload copy_ranges: range ", i,
+                " writes bytes [", d, ", ", uint64_t(d) + uint64_t(len), ") outside the destination of ",
+                dst_bytes, " bytes");
+    all_cpu = all_cpu && s.is_cpu();
+  }
+  if (all_cpu) {  // plain memcpy, no per-range dispatch
+    auto* out = static_cast<char*>(dst.data_ptr());
+    for (int64_t i = 0; i < n; ++i) {
+      if (lengths[i] == 0) continue;
+      const auto* in = static_cast<const char*>(srcs[i].const_data_ptr());
+      std::memcpy(out + dst_offsets[i], in + src_offsets[i], static_cast<size_t>(lengths[i]));
+    }
+    return;
+  }
+  // Some tensor lives on a device: byte views and ATen copies (stream-ordered on CUDA).
+  for (int64_t i = 0; i < n; ++i) {
+    if (lengths[i] == 0) continue;
+    at::Tensor s = srcs[i].reshape({-1}).view(at::kByte);
+    dst.narrow(0, dst_offsets[i], lengths[i]).copy_(s.narrow(0, src_offsets[i], lengths[i]), true);
+  }
+}
+
 TORCH_LIBRARY(fsdp_fastload, m) {
   m.def("alloc(int nbytes, Device device, bool pin_memory=False) -> Tensor");
   m.def("carve(Tensor(a -> *) flat, int[] spec) -> Tensor(a)[]");
   m.def("poison_(Tensor(a!) flat, int value=255) -> ()");
+  m.def("copy_ranges(Tensor(a!) dst, Tensor[] srcs, int[] src_offsets, int[] dst_offsets, int[] lengths) -> ()");
   m.def("read_ranges(str path, Tensor(a!) dst, int[] file_offsets, int[] dst_offsets, int[] lengths, int num_threads=4) -> ()");
 }
 
@@ -190,12 +237,14 @@ TORCH_LIBRARY_IMPL(fsdp_fastload, CPU, m) {
   m.impl("carve", &carve);
   m.impl("poison_", &poison_);
   m.impl("read_ranges", &read_ranges);
+  m.impl("copy_ranges", &copy_ranges);
 }
 
-// Carving and poisoning need no device code: the same C++ kernels serve CUDA tensors
+// Carving, poisoning and copying need no device code: the same C++ kernels serve CUDA tensors
 // (poison_ dispatches to ATen's fill on non-CPU devices).
 TORCH_LIBRARY_IMPL(fsdp_fastload, CUDA, m) {
   m.impl("carve", &carve);
+  m.impl("copy_ranges", &copy_ranges);
   m.impl("poison_", &poison_);
 }
 

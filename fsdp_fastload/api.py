@@ -160,8 +160,9 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                       wire=src_plan.wire if src_plan is not None else None, sources=sources)
     if distributed:
         encoded = layout.encode() if layout is not None else []
+        summ = summary(entries)
         n = agree(group=group, src=src, rank=rank, comm_device=comm_device,
-                  fp=fingerprint(entries, (src,)), summary=summary(entries), error=error,
+                  fp=fingerprint(summ, (src,)), summary=summ, error=error,
                   extra=len(encoded))
         # src's layout reaches every rank in one small broadcast: receivers never guess it.
         shipped = torch.tensor(encoded, dtype=torch.int64) if is_src else torch.empty(n, dtype=torch.int64)

@@ -7,6 +7,7 @@ overlaps NCCL's broadcast of bucket k. gloo and NCCL run the same code.
 """
 from __future__ import annotations
 
+import bisect
 import sys
 import time
 from collections import deque
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from .layout import MAX_GAP, Layout
+from .layout import Layout
 from .source import FileTensor
 
 
@@ -39,101 +40,103 @@ def read_file_tensor(ft: FileTensor, *, num_threads: int = 4) -> torch.Tensor:
 class Packer:
     """Writes the wire bytes of a byte range [a, b) into a destination, from tensors or files.
 
-    Pieces that are back to back at their source with the same spacing as in the layout (a run) are
-    merged: one `read_ranges` range for a file, one copy (or no copy at all: `direct_view`) for
-    memory. A safetensors tensor already in its wire dtype is read straight into the destination
-    (zero-copy on CPU targets); others are converted to the wire dtype first where src must shrink them.
+    Each sent entry is one span of the wire space with one source: a byte range of a safetensors
+    file already in its wire dtype (read straight into the destination: zero-copy on CPU targets),
+    a contiguous tensor in its wire dtype, or a tensor/file that src converts first (cached until
+    its last byte is packed). A bucket costs one `copy_ranges` call for its memory pieces and one
+    `read_ranges` call per file (back-to-back file pieces merged), never a Python loop of copies.
     """
 
     def __init__(self, sources: list, layout: Layout, *, read_threads: int = 4):
-        self.layout, self.sources, self.read_threads = layout, sources, read_threads
-        self.spans = sorted(
-            (layout.wire[i], layout.wire[i] + _numel(s) * layout.wire_dtype[i].itemsize, i)
-            for i, s in enumerate(sources) if layout.wire[i] >= 0 and _numel(s))
-        self.cache: dict[int, tuple] = {}
+        self.read_threads = read_threads
+        spans = sorted((layout.wire[i], i) for i, s in enumerate(sources) if layout.wire[i] >= 0 and _numel(s))
+        self.starts = [w for w, _ in spans]
+        self.ends: list[int] = []
+        self.pieces: list[tuple] = []  # per span: (kind, object, byte offset of its first wire byte)
+        for w, i in spans:
+            src, wire = sources[i], layout.wire_dtype[i]
+            self.ends.append(w + _numel(src) * wire.itemsize)
+            if isinstance(src, FileTensor):
+                self.pieces.append(("file", src.path, src.offset) if src.dtype == wire else ("conv", src, wire))
+            elif src.dtype == wire and src.is_contiguous():
+                self.pieces.append(("mem", src, 0))
+            else:
+                self.pieces.append(("conv", src, wire))
+        self.converted: dict[int, torch.Tensor] = {}
         self.storages: dict[int, torch.Tensor] = {}
-        self.first = 0
+        self.wrote_host = False
 
-    def _locate(self, k: int) -> tuple:
-        """(kind, object, byte offset of entry k's first wire byte in that object)."""
-        loc = self.cache.get(k)
-        if loc is not None:
-            return loc
-        src, wire = self.sources[k], self.layout.wire_dtype[k]
-        if isinstance(src, FileTensor):
-            if src.dtype == wire:
-                loc = ("file", src.path, src.offset)
-            else:
-                loc = ("bytes", byte_view(read_file_tensor(src, num_threads=self.read_threads).to(wire)), 0)
-        elif src.dtype == wire and src.is_contiguous():
-            st = src.untyped_storage()
-            sb = self.storages.get(st.data_ptr())
-            if sb is None or sb.device != src.device:
-                sb = torch.empty(0, dtype=torch.uint8, device=src.device).set_(st)
-                self.storages[st.data_ptr()] = sb
-            loc = ("mem", sb, src.storage_offset() * src.element_size())
-        else:
-            loc = ("bytes", byte_view(src.to(wire)), 0)
-        self.cache[k] = loc
-        return loc
+    def _span_range(self, a: int, b: int) -> range:
+        return range(bisect.bisect_right(self.ends, a), bisect.bisect_left(self.starts, b))
 
-    def _segments(self, a: int, b: int, consume: bool = True) -> list[list]:
-        """[start, end, kind, object, offset] pieces of [a, b), merged where contiguous at the source."""
-        i = self.first
-        while i < len(self.spans) and self.spans[i][1] <= a:
-            i += 1
-        self.first = i
-        segs: list[list] = []
-        while i < len(self.spans) and self.spans[i][0] < b:
-            start, end, k = self.spans[i]
-            kind, obj, off = self._locate(k)
-            s, e = max(start, a), min(end, b)
-            off += s - start
-            last = segs[-1] if segs else None
-            if (last is not None and last[2] == kind and last[3] is obj and kind != "bytes"
-                    and 0 <= s - last[1] <= MAX_GAP and last[4] + (s - last[0]) == off):
-                last[1] = e  # back to back at the source: one piece (the gap's bytes come along)
-            else:
-                segs.append([s, e, kind, obj, off])
-            if end <= b and consume:
-                self.cache.pop(k, None)  # its last piece: drop converted copies as we go
-            i += 1
-        return segs
+    def _mem(self, j: int, last: bool) -> tuple[torch.Tensor, int]:
+        """(contiguous tensor in the wire dtype, byte offset) for span j; conversions made once."""
+        kind, obj, off = self.pieces[j]
+        if kind == "mem":
+            return obj, off
+        t = self.converted.get(j)
+        if t is None:
+            t = read_file_tensor(obj, num_threads=self.read_threads) if isinstance(obj, FileTensor) else obj
+            t = t.detach().to(off).contiguous()
+            self.converted[j] = t
+        if last:  # its last piece: drop the converted copy as we go
+            del self.converted[j]
+        return t, 0
 
     def direct_view(self, a: int, b: int) -> torch.Tensor | None:
         """The source bytes of [a, b) when they are one contiguous piece of memory (send, no copy)."""
-        first = self.first
-        segs = self._segments(a, b, consume=False)
-        self.first = first
-        if len(segs) == 1 and segs[0][0] == a and segs[0][1] == b and segs[0][2] != "file":
-            _, _, _, obj, off = segs[0]
-            view = obj[off:off + b - a]
-            self._segments(a, b)  # consume
-            return view
-        return None  # not sendable as it is: pack() walks the same pieces
+        js = self._span_range(a, b)
+        if not js:
+            return None
+        base = st = None
+        for j in js:
+            kind, obj, off = self.pieces[j]
+            if kind != "mem":
+                return None
+            s = obj.untyped_storage()
+            b_j = obj.data_ptr() + off - self.starts[j]  # address of wire byte 0, were it in this storage
+            if base is None:
+                base, st = b_j, s
+            elif b_j != base or s.data_ptr() != st.data_ptr():
+                return None
+        lo, hi = a + base - st.data_ptr(), b + base - st.data_ptr()
+        if lo < 0 or hi > st.nbytes():
+            return None
+        sb = self.storages.get(st.data_ptr())
+        if sb is None:
+            dev = self.pieces[js[0]][1].device
+            sb = self.storages[st.data_ptr()] = torch.empty(0, dtype=torch.uint8, device=dev).set_(st)
+        return sb[lo:hi]
 
-    def pack(self, a: int, b: int, dst: torch.Tensor, *, defer_device: bool = False) -> list:
-        """Fill `dst` (uint8, covering [a, b)); with `defer_device`, return device pieces instead."""
-        reads: dict[str, tuple[list, list, list]] = {}
-        deferred = []
-        self.wrote_host = False
-        for s, e, kind, obj, off in self._segments(a, b):
+    def pack(self, a: int, b: int, dst: torch.Tensor, *, split_device: bool = False) -> tuple | None:
+        """Fill `dst` (uint8, covering [a, b)) with the wire bytes. With `split_device`, pieces that
+        live on a device are returned instead, as `copy_ranges` arguments for the caller."""
+        mem: tuple[list, list, list, list] = ([], [], [], [])
+        dev: tuple[list, list, list, list] = ([], [], [], [])
+        reads: dict[str, list[list[int]]] = {}
+        for j in self._span_range(a, b):
+            start, end = self.starts[j], self.ends[j]
+            s, e = max(start, a), min(end, b)
+            kind, obj, off = self.pieces[j]
             if kind == "file":
-                fo, do, ln = reads.setdefault(obj, ([], [], []))
-                fo.append(off)
-                do.append(s - a)
-                ln.append(e - s)
+                fo = off + s - start
+                rs = reads.setdefault(obj, [])
+                if rs and rs[-1][0] + rs[-1][2] == fo and rs[-1][1] + rs[-1][2] == s - a:
+                    rs[-1][2] += e - s  # back to back in the file and in the bucket: one read
+                else:
+                    rs.append([fo, s - a, e - s])
                 continue
-            piece = obj[off:off + e - s]
-            if defer_device and piece.is_cuda:
-                deferred.append((s, e, piece))
-            else:
-                dst[s - a:e - a].copy_(piece)
-                self.wrote_host = True
-        self.wrote_host |= bool(reads)
-        for path, (fo, do, ln) in reads.items():
+            t, off = self._mem(j, e == end)
+            lists = dev if split_device and t.device.type != "cpu" else mem
+            for lst, v in zip(lists, (t, off + s - start, s - a, e - s)):
+                lst.append(v)
+        self.wrote_host = bool(mem[0] or reads)
+        if mem[0]:
+            ops.copy_ranges(dst, *mem)
+        for path, rs in reads.items():
+            fo, do, ln = zip(*rs)
             ops.read_ranges(path, dst, fo, do, ln, num_threads=self.read_threads)
-        return deferred
+        return dev if dev[0] else None
 
 
 def _numel(src) -> int:
@@ -206,12 +209,12 @@ def _pack_cuda(dst, a, b, packer, stage, events, slot, copy_stream, device) -> N
     """Host data -> pinned staging -> device (side stream); device pieces copied device-to-device."""
     if events[slot] is not None:
         events[slot].synchronize()  # the copy that last read this staging buffer is done
-    deferred = packer.pack(a, b, stage[:b - a], defer_device=True)
+    device_pieces = packer.pack(a, b, stage[:b - a], split_device=True)
     with torch.cuda.stream(copy_stream):
         if packer.wrote_host:
             dst.copy_(stage[:b - a], non_blocking=True)
-        for s, e, piece in deferred:
-            dst[s - a:e - a].copy_(piece, non_blocking=True)
+        if device_pieces:
+            ops.copy_ranges(dst, *device_pieces)
         ev = torch.cuda.Event()
         ev.record(copy_stream)
     events[slot] = ev

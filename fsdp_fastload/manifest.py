@@ -6,32 +6,37 @@ ranks before any data moves (see `agree.py`), and on mismatch `first_difference`
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 
-@dataclass
 class Entry:
-    """One unique tensor: its names (the first is canonical), what it is, and where it lives."""
+    """One unique tensor: its names (the first is canonical), what it is, and where it lives.
 
-    names: list[str]
-    kind: str  # "param" or "buffer"
-    persistent: bool  # in state_dict(); always True for parameters
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    requires_grad: bool
-    cls: str  # the Python class (Parameter, Tensor, or an unsupported subclass)
-    tensor: torch.Tensor = field(repr=False)  # this rank's tensor (meta on receivers)
-    owners: list[tuple[nn.Module, str]] = field(repr=False, default_factory=list)
+    `kind` is "param" or "buffer"; `persistent` says whether it is in `state_dict()` (always True for
+    parameters); `cls` is the Python class name (Parameter, Tensor, or an unsupported subclass);
+    `tensor` is this rank's tensor (meta on receivers); `owners` are the (module, attribute) pairs
+    that hold it.
+    """
 
-    def __post_init__(self):
+    __slots__ = ("names", "kind", "persistent", "dtype", "shape", "requires_grad", "cls", "tensor",
+                 "owners", "numel", "nbytes")
+
+    def __init__(self, names: list[str], kind: str, persistent: bool, dtype: torch.dtype,
+                 shape: tuple[int, ...], requires_grad: bool, cls: str, tensor: torch.Tensor,
+                 owners: list[tuple[nn.Module, str]] | None = None):
+        self.names, self.kind, self.persistent, self.dtype = names, kind, persistent, dtype
+        self.shape, self.requires_grad, self.cls, self.tensor = shape, requires_grad, cls, tensor
+        self.owners = [] if owners is None else owners
         n = 1
-        for s in self.shape:
-            n *= s
+        for d in shape:
+            n *= d
         self.numel = n
-        self.nbytes = n * self.dtype.itemsize
+        self.nbytes = n * dtype.itemsize
+
+    def __repr__(self) -> str:
+        return f"Entry({self.names}, {self.kind}, {self.dtype}, {list(self.shape)})"
 
     def describe(self) -> tuple:
         """What must agree across ranks (no local state: device, values, storage)."""
@@ -44,44 +49,48 @@ def build_manifest(module: nn.Module) -> list[Entry]:
     by_id: dict[int, Entry] = {}
     entries: list[Entry] = []
     seen_owner: set[tuple[int, str]] = set()
-    for prefix, mod in module.named_modules(remove_duplicate=False):
-        dot = prefix + "." if prefix else ""
-        non_persistent = getattr(mod, "_non_persistent_buffers_set", set())
-        for kind, table in (("param", mod._parameters), ("buffer", mod._buffers)):
-            for attr, t in table.items():
-                if t is None:
-                    continue
-                e = by_id.get(id(t))
-                if e is None:
-                    persistent = kind == "param" or attr not in non_persistent
-                    e = Entry(names=[], kind=kind, persistent=persistent, dtype=t.dtype,
-                              shape=tuple(t.shape), requires_grad=bool(t.requires_grad),
-                              cls=type(t).__name__, tensor=t)
-                    by_id[id(t)] = e
-                    entries.append(e)
-                else:  # a tie: the same tensor object under another name
-                    if kind == "param":
-                        e.kind = "param"
-                    if kind == "buffer" and attr not in non_persistent:
-                        e.persistent = True
-                e.names.append(dot + attr)
-                if (id(mod), attr) not in seen_owner:
-                    seen_owner.add((id(mod), attr))
-                    e.owners.append((mod, attr))
+
+    def visit(mod: nn.Module, dot: str) -> None:
+        params, buffers = mod._parameters, mod._buffers
+        if params or buffers:
+            non_persistent = mod._non_persistent_buffers_set if buffers else ()
+            for kind, table in (("param", params), ("buffer", buffers)):
+                for attr, t in table.items():
+                    if t is None:
+                        continue
+                    e = by_id.get(id(t))
+                    if e is None:
+                        e = Entry([], kind, kind == "param" or attr not in non_persistent, t.dtype,
+                                  tuple(t.shape), t.requires_grad, type(t).__name__, t)
+                        by_id[id(t)] = e
+                        entries.append(e)
+                    else:  # a tie: the same tensor object under another name
+                        if kind == "param":
+                            e.kind = "param"
+                        if kind == "buffer" and attr not in non_persistent:
+                            e.persistent = True
+                    e.names.append(dot + attr)
+                    key = (id(mod), attr)
+                    if key not in seen_owner:
+                        seen_owner.add(key)
+                        e.owners.append((mod, attr))
+        for name, child in mod._modules.items():
+            if child is not None:
+                visit(child, dot + name + ".")
+
+    visit(module, "")
     return entries
 
 
-def fingerprint(entries: list[Entry], extra: tuple = ()) -> int:
-    """A 63-bit hash of what must agree across ranks (the manifest, and `extra` call arguments)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(repr(extra).encode())
-    for e in entries:
-        h.update(repr(e.describe()).encode())
-    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
-
-
 def summary(entries: list[Entry]) -> list[tuple]:
+    """What must agree across ranks, one tuple per entry (see `Entry.describe`)."""
     return [e.describe() for e in entries]
+
+
+def fingerprint(summ: list[tuple], extra: tuple = ()) -> int:
+    """A 63-bit hash of a `summary` and `extra` call arguments (one repr, one hash)."""
+    digest = hashlib.blake2b(repr((extra, summ)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 _FIELDS = ("kind", "persistent", "dtype", "shape", "requires_grad", "class")

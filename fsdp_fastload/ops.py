@@ -142,6 +142,29 @@ def _poison_ref(flat: torch.Tensor, value: int = 255) -> None:
     flat.fill_(value)
 
 
+def _copy_ranges_ref(dst: torch.Tensor, srcs: Sequence[torch.Tensor], src_offsets: Sequence[int],
+                     dst_offsets: Sequence[int], lengths: Sequence[int]) -> None:
+    _check_flat(dst, "fsdp_fastload copy_ranges")
+    if not len(srcs) == len(src_offsets) == len(dst_offsets) == len(lengths):
+        raise RuntimeError("fsdp_fastload copy_ranges: srcs, src_offsets, dst_offsets and lengths differ "
+                           "in length")
+    for i, (s, so, d, n) in enumerate(zip(srcs, src_offsets, dst_offsets, lengths)):
+        if not s.is_contiguous():
+            raise RuntimeError(f"fsdp_fastload copy_ranges: source {i} is not contiguous")
+        s_bytes = s.numel() * s.element_size()
+        if so < 0 or d < 0 or n < 0:
+            raise RuntimeError(f"fsdp_fastload copy_ranges: range {i} has a negative offset or length")
+        if so + n > s_bytes:
+            raise RuntimeError(f"fsdp_fastload copy_ranges: range {i} reads bytes [{so}, {so + n}) outside "
+                               f"its source of {s_bytes} bytes")
+        if d + n > dst.numel():
+            raise RuntimeError(f"fsdp_fastload copy_ranges: range {i} writes bytes [{d}, {d + n}) outside "
+                               f"the destination of {dst.numel()} bytes")
+    for s, so, d, n in zip(srcs, src_offsets, dst_offsets, lengths):
+        if n:
+            dst[d:d + n].copy_(s.detach().reshape(-1).view(torch.uint8)[so:so + n], non_blocking=True)
+
+
 def _read_ranges_ref(path: str, dst: torch.Tensor, file_offsets: Sequence[int],
                      dst_offsets: Sequence[int], lengths: Sequence[int], num_threads: int = 4) -> None:
     if dst.device.type != "cpu" or not dst.is_contiguous():
@@ -150,6 +173,9 @@ def _read_ranges_ref(path: str, dst: torch.Tensor, file_offsets: Sequence[int],
         raise RuntimeError(
             "fsdp_fastload read_ranges: file_offsets, dst_offsets and lengths differ in length")
     dst_bytes = dst.numel() * dst.element_size()
+    if not os.path.isfile(path):
+        raise RuntimeError(f"fsdp_fastload read_ranges: {path} is not a regular file. "
+                           "Pass the path of a safetensors file.")
     size = os.path.getsize(path)
     for i, (fo, d, n) in enumerate(zip(file_offsets, dst_offsets, lengths)):
         if fo < 0 or d < 0 or n < 0:
@@ -193,6 +219,10 @@ def _register_fakes() -> None:
     def _(flat, value=255):
         return None
 
+    @torch.library.register_fake(lib + "copy_ranges")
+    def _(dst, srcs, src_offsets, dst_offsets, lengths):
+        return None
+
     @torch.library.register_fake(lib + "read_ranges")
     def _(path, dst, file_offsets, dst_offsets, lengths, num_threads=4):
         return None
@@ -222,6 +252,16 @@ def poison_(flat: torch.Tensor, value: int = 255) -> torch.Tensor:
     else:
         _poison_ref(flat, int(value))
     return flat
+
+
+def copy_ranges(dst: torch.Tensor, srcs: Sequence[torch.Tensor], src_offsets: Sequence[int],
+                dst_offsets: Sequence[int], lengths: Sequence[int]) -> None:
+    """Copy `lengths[i]` bytes from byte `src_offsets[i]` of `srcs[i]` to byte `dst_offsets[i]` of the
+    flat uint8 `dst`, for every i, in one call (validated first; sources must be contiguous)."""
+    if _load_extension():
+        torch.ops.fsdp_fastload.copy_ranges(dst, list(srcs), list(src_offsets), list(dst_offsets), list(lengths))
+    else:
+        _copy_ranges_ref(dst, srcs, src_offsets, dst_offsets, lengths)
 
 
 def read_ranges(path: str, dst: torch.Tensor, file_offsets: Sequence[int], dst_offsets: Sequence[int],
