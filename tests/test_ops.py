@@ -240,3 +240,37 @@ def test_lean_import():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(ops.extension_available())
+
+
+@pytest.mark.parametrize("impl", ["compiled", "fallback"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_copy_ranges(impl, device):
+    if impl == "compiled" and not ops.extension_available():
+        pytest.skip("fsdp_fastload._C not built")
+    fn = ops.copy_ranges if impl == "compiled" else ops._copy_ranges_ref
+    srcs = [torch.arange(100, dtype=torch.float32, device=device),
+            torch.nn.Parameter(torch.arange(12, dtype=torch.bfloat16, device=device).view(3, 4)),
+            torch.arange(7, dtype=torch.int64)[2:],  # a view with a storage offset
+            torch.empty(0, device=device)]
+    dst = torch.zeros(1024, dtype=torch.uint8, device=device)
+    so, do, ln = [8, 2, 8, 0], [0, 500, 1000, 3], [392, 20, 16, 0]
+    fn(dst, srcs, so, do, ln)
+    expect = torch.zeros(1024, dtype=torch.uint8)
+    for s, a, d, n in zip(srcs, so, do, ln):
+        expect[d:d + n] = s.detach().cpu().reshape(-1).view(torch.uint8)[a:a + n]
+    assert torch.equal(dst.cpu(), expect)
+    for args, msg in [(([srcs[0]], [0], [1020], [8]), "outside the destination"),
+                      (([srcs[0]], [396], [0], [8]), "outside its source"),
+                      (([srcs[0]], [-1], [0], [1]), "negative"),
+                      (([srcs[0]], [0, 1], [0], [1]), "differ in length"),
+                      (([srcs[1].detach().t()], [0], [0], [2]), "not contiguous")]:
+        with pytest.raises(RuntimeError, match=msg):
+            fn(dst, *args)
+
+
+@needs_ext
+def test_copy_ranges_opcheck():
+    dst = ops.alloc(256, "cpu")
+    ops.poison_(dst, 0)
+    srcs = [torch.arange(10, dtype=torch.float32), torch.ones(3, dtype=torch.bfloat16)]
+    torch.library.opcheck(torch.ops.fsdp_fastload.copy_ranges.default, (dst, srcs, [4, 0], [0, 64], [36, 6]))
