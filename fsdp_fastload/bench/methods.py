@@ -1,0 +1,254 @@
+"""The benchmark's methods: ways of getting rank src's weights onto every rank, one function each.
+
+Adding a method: write ``fn(model, rank, ctx) -> module | None`` (return the module only if it is a
+new object) and decorate it with ``@method("name", setup=...)``; see ``Ctx`` for what it gets.
+``setup`` chooses what ``model`` is when ``fn`` is called:
+
+* ``"plain"``: rank ``src`` holds the real model (``from_pretrained``, or a filled synthetic module
+  in the sweep), every other rank the same architecture on ``meta``;
+* ``"meta"``:  every rank holds a meta model (rank ``src`` can read ``ctx.ckpt_dir`` /
+  ``ctx.ckpt_file``); checkpoint models only, so not in the sweep;
+* ``"fsdp2"``: every rank holds a meta model, ``fully_shard``-ed per layer and at the root on a CPU
+  gloo mesh; rank ``src`` also has ``ctx.full_sd`` (the real model's state dict).
+
+Everything heavy (torch.distributed, transformers, accelerate) is imported inside the functions, in
+the worker processes, so importing this module costs nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+SETUPS = ("plain", "meta", "fsdp2")
+
+
+@dataclass
+class Ctx:
+    """What a method gets besides ``model`` and ``rank``."""
+
+    rank: int
+    world_size: int
+    src: int
+    group: Any  # the default ProcessGroup
+    ckpt_dir: Path | None  # checkpoint models: the directory; synthetic sweep models: None
+    ckpt_file: Path | None  # the single model.safetensors if there is exactly one, else None
+    nbytes: int  # bytes of all unique params + buffers (ties counted once)
+    src_model: Any = None  # rank src: the real model (setups "plain", "fsdp2")
+    full_sd: dict | None = None  # rank src: src_model.state_dict() (setup "fsdp2")
+    state: dict = field(default_factory=dict)  # scratch for prepare() -> fn()
+
+
+@dataclass
+class Method:
+    """One row of the benchmark: ``fn`` is timed, ``prepare`` (same arguments) runs untimed before."""
+
+    name: str
+    fn: Callable[..., Any]
+    setup: str = "plain"
+    prepare: Callable[..., None] | None = None
+    check: bool = True  # compare params/buffers with src's afterwards
+    requires: tuple[str, ...] = ()  # "module" or "module:attr"; the row is skipped if one is missing
+    end_to_end: bool = False  # timed phase includes reading the checkpoint (else: the transfer only)
+    note: str = ""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def method(name: str, **kw):
+    """Register ``fn`` as the method ``name`` (keyword arguments: the fields of ``Method``)."""
+    if kw.get("setup", "plain") not in SETUPS:
+        raise ValueError(f"method {name!r}: setup {kw['setup']!r} is not one of {SETUPS}")
+
+    def deco(fn):
+        METHODS[name] = Method(name=name, fn=fn, **kw)
+        return fn
+
+    return deco
+
+
+def _retie(model):
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+# -- floor ------------------------------------------------------------------------------------------
+
+
+def _floor_prepare(model, rank, ctx):
+    import torch
+
+    if rank == ctx.src:
+        ctx.state["buf"] = torch.empty(ctx.nbytes, dtype=torch.uint8).fill_(0x5A)
+
+
+@method("floor", prepare=_floor_prepare, check=False,
+        note="one flat dist.broadcast of the same bytes into fresh torch.empty memory")
+def m_floor(model, rank, ctx):
+    import torch
+    import torch.distributed as dist
+
+    if rank != ctx.src:
+        ctx.state["buf"] = torch.empty(ctx.nbytes, dtype=torch.uint8)
+    dist.broadcast(ctx.state["buf"], src=ctx.src)
+
+
+def _limit_prepare(model, rank, ctx):
+    import torch
+
+    ctx.state["buf"] = torch.empty(ctx.nbytes, dtype=torch.uint8).fill_(0x5A if rank == ctx.src else 0)
+
+
+@method("limit", prepare=_limit_prepare, check=False,
+        note="the floor's broadcast into receiver memory already faulted in (not a real loader)")
+def m_limit(model, rank, ctx):
+    import torch.distributed as dist
+
+    dist.broadcast(ctx.state["buf"], src=ctx.src)
+
+
+# -- ours -------------------------------------------------------------------------------------------
+
+
+@method("ours", note="fsdp_fastload.materialize(model, cpu, src=0)")
+def m_ours(model, rank, ctx):
+    import torch
+
+    from fsdp_fastload import materialize
+
+    return materialize(model, torch.device("cpu"), src=ctx.src)
+
+
+@method("ours_sd", setup="meta", end_to_end=True,
+        note="every rank meta; materialize(model, cpu, state_dict=<checkpoint dir> on rank 0): "
+             "reads safetensors on rank 0, pipelined into the broadcast (end to end)")
+def m_ours_sd(model, rank, ctx):
+    import torch
+
+    from fsdp_fastload import materialize
+
+    return materialize(model, torch.device("cpu"), src=ctx.src,
+                       state_dict=str(ctx.ckpt_dir) if rank == ctx.src else None)
+
+
+def _read_floor_prepare(model, rank, ctx):
+    from fsdp_fastload.source import checkpoint_files, parse_header
+
+    ctx.state["ranges"] = {f: sorted((t.offset, t.nbytes) for t in parse_header(f).values())
+                           for f in checkpoint_files(str(ctx.ckpt_dir))}
+
+
+@method("read_floor", setup="meta", prepare=_read_floor_prepare, check=False, end_to_end=True,
+        note="rank 0 only reads every tensor's bytes from the safetensors files into fresh memory "
+             "(read_ranges op, no broadcast): with `floor`, ours_sd's own floor is max(read, floor)")
+def m_read_floor(model, rank, ctx):
+    from fsdp_fastload import ops
+
+    if rank != ctx.src:
+        return
+    for f, rs in ctx.state["ranges"].items():
+        buf = ops.alloc(sum(n for _, n in rs), "cpu")
+        dst, do = [], 0
+        for _, n in rs:
+            dst.append(do)
+            do += n
+        ops.read_ranges(f, buf, [o for o, _ in rs], dst, [n for _, n in rs], num_threads=4)
+        ctx.state.setdefault("bufs", []).append(buf)
+
+
+# -- transformers -----------------------------------------------------------------------------------
+
+
+@method("hf_every_rank", setup="meta", end_to_end=True,
+        note="transformers from_pretrained on every rank (whole load, no broadcast; end to end)")
+def m_hf_every_rank(model, rank, ctx):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ctx.ckpt_dir, dtype=torch.bfloat16)
+
+
+@method("hf0_ddp_sync", setup="meta", end_to_end=True,
+        note="end to end: from_pretrained on rank 0, then the DDP/FSDP1 sync (the best correct peer "
+             "broadcast)")
+def m_hf0_ddp_sync(model, rank, ctx):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if rank == ctx.src:
+        model = AutoModelForCausalLM.from_pretrained(ctx.ckpt_dir, dtype=torch.bfloat16)
+    else:
+        model.to_empty(device="cpu")
+        _retie(model)
+    _ddp_sync(model, ctx)
+    return model
+
+
+# -- DDP / FSDP1 ------------------------------------------------------------------------------------
+
+
+def _ddp_sync(model, ctx):
+    from torch.distributed.utils import _sync_module_states
+
+    _sync_module_states(model, ctx.group, 250 * 1024 * 1024, ctx.src,
+                        params_and_buffers_to_ignore=set(), broadcast_buffers=True)
+
+
+@method("ddp_sync", note="to_empty + tie_weights on receivers, then torch.distributed.utils."
+                         "_sync_module_states (250 MB buckets, buffers too)")
+def m_ddp_sync(model, rank, ctx):
+    if rank != ctx.src:
+        model.to_empty(device="cpu")
+        _retie(model)
+    _ddp_sync(model, ctx)
+
+
+# -- torch DCP --------------------------------------------------------------------------------------
+
+
+def _dcp_opts():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+
+
+@method("dcp_full", note="to_empty + tie_weights on receivers, then set_model_state_dict("
+                         "full_state_dict=True, broadcast_from_rank0=True); rank 0 passes "
+                         "model.state_dict(), others {}")
+def m_dcp_full(model, rank, ctx):
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    if rank != ctx.src:
+        model.to_empty(device="cpu")
+        _retie(model)
+    sd = model.state_dict() if rank == ctx.src else {}
+    set_model_state_dict(model, sd, options=_dcp_opts())
+
+
+@method("dcp_fsdp2", setup="fsdp2",
+        note="set_model_state_dict(broadcast_from_rank0=True) on an FSDP2-sharded meta model")
+def m_dcp_fsdp2(model, rank, ctx):
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, ctx.full_sd if rank == ctx.src else {}, options=_dcp_opts())
+
+
+# -- accelerate -------------------------------------------------------------------------------------
+
+
+@method("accelerate_fsdp2", setup="fsdp2", requires=("accelerate",),
+        note="accelerate.utils.fsdp_utils.fsdp2_load_full_state_dict(acc, model, full_sd) on an "
+             "FSDP2-sharded meta model (acc: stub with is_main_process)")
+def m_accelerate_fsdp2(model, rank, ctx):
+    from types import SimpleNamespace
+
+    from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
+
+    acc = SimpleNamespace(is_main_process=(rank == 0))  # the only attribute the function reads
+    return fsdp2_load_full_state_dict(acc, model, ctx.full_sd if rank == ctx.src else {})
+
+
+DEFAULT_METHODS = ["floor", "limit", "ours", "ours_sd", "read_floor", "ddp_sync", "dcp_full",
+                   "dcp_fsdp2", "accelerate_fsdp2", "hf_every_rank", "hf0_ddp_sync"]
+DEFAULT_SWEEP_METHODS = ["floor", "ours"]
