@@ -1,0 +1,90 @@
+"""`python -m fsdp_fastload bench`: the sweep's arithmetic and tables, a failing run reported (not hung),
+and one tiny end-to-end invocation (a tiny checkpoint model and one sweep point, real 2-rank runs)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fsdp_fastload.bench import cli, sweep
+from fsdp_fastload.bench.runner import Job, Settings, launch
+
+
+def test_import_stays_lean():
+    code = ("import sys, fsdp_fastload.bench; "
+            "print([m for m in ('transformers', 'accelerate', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_sizes_and_points():
+    assert sweep.parse_bytes("64M") == 64_000_000 and sweep.parse_bytes("2GB") == 2 * 10**9
+    assert sweep.parse_bytes("4000") == 4000
+    with pytest.raises(ValueError, match="not a size"):
+        sweep.parse_bytes("lots")
+    with pytest.raises(ValueError, match="multiple of 400"):
+        sweep.Point(100, 1001)
+    assert sweep.Point(100_000, 64_000_000).model == {"kind": "synthetic", "count": 100_000, "numel": 160}
+
+
+def test_plan_and_jobs():
+    sp = sweep.plan([1000, 100], 64_000_000, [256_000_000, 64_000_000], 1000, ["ours"])
+    assert [p.count for p in sp.by_count] == [1, 100, 1000]  # 1 tensor added: the reference
+    assert sp.methods == ["floor", "ours"]
+    keys = [j.key for j in sweep.jobs(sp)]
+    # (b)'s 1000 x 64 MB is (a)'s last point; the floor runs once per byte total
+    assert keys == [("floor", 64_000_000), ("ours", 1, 64_000_000), ("ours", 100, 64_000_000),
+                    ("ours", 1000, 64_000_000), ("floor", 256_000_000), ("ours", 1000, 256_000_000)]
+
+
+def _run(s, rss=1e6, params="ok"):
+    return {"elapsed_s": s, "rss_growth": rss, "sender_rss_growth": 0, "nbytes": 1, "params": params}
+
+
+def test_tables_ratios_and_goal():
+    sp = sweep.plan([100], 4_000_000, [], 1000, ["ours"])
+    results = {("floor", 4_000_000): [_run(0.1), _run(0.3), _run(0.2)],
+               ("ours", 1, 4_000_000): [_run(0.4)],
+               ("ours", 100, 4_000_000): [{"error": "TIMEOUT after 9s (hang?)", "detail": ["x"], "logs": ""},
+                                          _run(1.0, params="MISMATCH (1 differ)")]}
+    md = sweep.tables(sp, results)
+    assert "| 1 | 4 MB | 0.200 | 0.400 (0.400–0.400) | 2.00× | 1.00× | 1 / 1 | ok |" in md
+    assert ("| 100 | 40 kB | 0.200 | 1.000 (1.000–1.000; 1 failed) | 5.00× | 2.50× | 1 / 1 "
+            "| MISMATCH (1 differ) |") in md
+    assert "100 tensors take 2.50× the time of 1 tensor" in md and "NOT met" in md
+
+
+def test_failed_run_is_reported(tmp_path):
+    job = Job(key=("x",), label="[test] missing", method="no_such_method",
+              model={"kind": "synthetic", "count": 1, "numel": 4})
+    r = launch(job, Settings(logdir=tmp_path, timeout=60, rss_interval_ms=0, check=True), "missing")
+    assert "error" in r and any("KeyError" in d for d in r["detail"]), r
+
+
+def _row(*cells: str) -> str:
+    """A regex for one markdown table row."""
+    return r"\| " + r" \| ".join(cells) + r" \|"
+
+
+S, RANGE, X = r"[0-9.]+", r"[0-9.]+ \([0-9.–]+\)", r"[0-9.]+×"
+
+
+def test_bench_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["--models", "tiny", "--methods", "ours", "--sweep-counts", "100",
+                   "--sweep-bytes", "400K", "--sweep-sizes", "none", "--runs", "1", "--warmup", "0",
+                   "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    assert rc == 0
+    md = (out / "bench.md").read_text()
+    assert "python -m fsdp_fastload bench --models tiny" in md  # the command to reproduce
+    assert "C++ extension" in md and "cores" in md
+    # the model table: ours moved every tensor and the rotary buffers bit for bit
+    assert re.search(_row("ours", "transfer", S, "[0-9.–]+", "–", r"\d+", "–", "correct", "ok / ok"), md), md
+    # the sweep: 1 tensor (the reference) and 100 tensors, both checked bitwise
+    assert re.search(_row("1", "400 kB", S, RANGE, X, r"1\.00×", r"\d+ / \d+", "ok"), md), md
+    assert re.search(_row("100", "4 kB", S, RANGE, X, X, r"\d+ / \d+", "ok"), md), md
+    assert "ours: 100 tensors take" in md
+    assert "ERROR" not in md
+    assert "run 1/1" in capsys.readouterr().out  # a progress line per run
