@@ -188,7 +188,9 @@ def _read_ranges_ref(path: str, dst: torch.Tensor, file_offsets: Sequence[int],
             raise RuntimeError(
                 f"fsdp_fastload read_ranges: range {i} reads bytes [{fo}, {fo + n}) past the end of "
                 f"{path} ({size} bytes). The file is truncated or its header lies.")
-    raw = dst.view(-1).view(torch.uint8) if dst.numel() else dst.new_empty(0, dtype=torch.uint8)
+    raw = dst.new_empty(0, dtype=torch.uint8)
+    if dst.numel():  # as_strided: a contiguous tensor of one element may still carry any stride
+        raw = dst.as_strided((dst.numel(),), (1,)).view(torch.uint8)
     with open(path, "rb", buffering=0) as f:
         for fo, d, n in zip(file_offsets, dst_offsets, lengths):
             f.seek(fo)

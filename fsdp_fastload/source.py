@@ -56,7 +56,7 @@ def parse_header(path: str) -> dict[str, FileTensor]:
         raise CheckpointError(f"{path}: cannot read ({e})") from e
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an over-long integer, deep nesting
         raise CheckpointError(f"{path}: header is not valid JSON ({e}). The file is corrupt.") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object (got {type(header).__name__})")
@@ -69,7 +69,8 @@ def parse_header(path: str) -> dict[str, FileTensor]:
         where = f"{path}: tensor '{name}'"
         if not isinstance(info, dict):
             raise CheckpointError(f"{where}: entry is not an object")
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+        name_of_dtype = info.get("dtype")
+        dtype = SAFETENSORS_DTYPES.get(name_of_dtype) if isinstance(name_of_dtype, str) else None
         if dtype is None:
             raise CheckpointError(f"{where}: unknown dtype {info.get('dtype')!r} "
                                   f"(known: {', '.join(SAFETENSORS_DTYPES)})")
