@@ -5,9 +5,12 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <string>
+#include <fcntl.h>
 #include <unistd.h>
 
 namespace {
@@ -95,6 +98,39 @@ void test_read_ranges() {
   EXPECT(throws([&] { rr.call(path, dst, {0}, {int64_t(2) << 20}, {1}, 1); }));       // past dst
   EXPECT(throws([&] { rr.call(path, dst, {-1}, {0}, {1}, 1); }));                     // negative
   EXPECT(throws([&] { rr.call("/nonexistent/file", dst, {0}, {0}, {1}, 1); }));
+
+  // Edges: exact fits succeed and touch nothing else; one byte over, overflowing sums, mismatched
+  // lists, a strided destination or a directory throw c10::Error before any byte is written.
+  const int64_t kMax = std::numeric_limits<int64_t>::max();
+  const int64_t size = static_cast<int64_t>(data.size());
+  at::Tensor small = at::full({52}, 0xCD, at::kByte);
+  auto* s = small.data_ptr<uint8_t>();
+  rr.call(path, small, {size - 50}, {1}, {50}, 2);  // the file's last 50 bytes
+  EXPECT(s[0] == 0xCD && s[51] == 0xCD);
+  EXPECT(std::memcmp(s + 1, data.data() + size - 50, 50) == 0);
+  rr.call(path, small, {size}, {52}, {0}, 1);  // empty range at both ends: allowed, writes nothing
+  at::Tensor before = small.clone();
+  EXPECT(throws([&] { rr.call(path, small, {0}, {1}, {52}, 1); }));             // one byte past dst
+  EXPECT(throws([&] { rr.call(path, small, {size - 49}, {0}, {50}, 1); }));     // one byte past EOF
+  EXPECT(throws([&] { rr.call(path, small, {0}, {kMax}, {2}, 1); }));           // d + len overflows
+  EXPECT(throws([&] { rr.call(path, small, {kMax}, {0}, {2}, 1); }));           // fo + len overflows
+  EXPECT(throws([&] { rr.call(path, small, {0}, {0}, {kMax}, 1); }));
+  EXPECT(throws([&] { rr.call(path, small, {0, 0}, {0}, {1, 1}, 1); }));        // lists differ
+  EXPECT(throws([&] { rr.call(path, small, {0, 0}, {0, 10}, {10, 43}, 1); }));  // 2nd range bad
+  EXPECT(throws([&] { rr.call("/tmp", small, {0}, {0}, {0}, 1); }));            // a directory
+  at::Tensor strided = at::zeros({8}, at::kByte).slice(0, 0, 8, 2);
+  EXPECT(throws([&] { rr.call(path, strided, {0}, {0}, {1}, 1); }));
+  EXPECT(at::equal(small, before));  // nothing written by any refused call
+
+  // Ranges bigger than one 8 MiB chunk, split across threads, into a non-byte dtype.
+  std::string big(9 << 20, '\0');
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i * 131 % 253);
+  fd = open(path, O_WRONLY | O_TRUNC);
+  EXPECT(fd >= 0 && write(fd, big.data(), big.size()) == static_cast<ssize_t>(big.size()));
+  close(fd);
+  at::Tensor wide = at::empty({int64_t(big.size() / 4) - 1}, at::kFloat);
+  rr.call(path, wide, {7}, {0}, {int64_t(big.size()) - 8}, 4);
+  EXPECT(std::memcmp(wide.data_ptr(), big.data() + 7, big.size() - 8) == 0);
   unlink(path);
 }
 
