@@ -6,6 +6,8 @@ Nobody is ever left waiting in a collective that another rank skipped.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -25,14 +27,16 @@ def agree(*, group, src: int, rank: int, comm_device: torch.device, fp: int, sum
     world = dist.get_world_size(group)
     mine = torch.tensor([fp, 1 if error else 0, extra], dtype=torch.int64, device=comm_device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=group)
+    with _peer_errors(rank):
+        dist.all_gather(gathered, mine, group=group)
     rows = [tuple(int(x) for x in g.cpu()) for g in gathered]
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
     src_i = ranks.index(src)
     if all(r[1] == 0 for r in rows) and all(r[0] == rows[src_i][0] for r in rows):
         return rows[src_i][2]
     details: list = [None] * world
-    dist.all_gather_object(details, (rank, error, summary), group=group)
+    with _peer_errors(rank):
+        dist.all_gather_object(details, (rank, error, summary), group=group)
     problems = [f"rank {r}: {err}" for r, err, _ in details if err]
     if not problems:
         ref = details[src_i][2]
@@ -48,3 +52,19 @@ def agree(*, group, src: int, rank: int, comm_device: torch.device, fp: int, sum
             "persistence) before calling materialize.")
     raise MaterializeError(f"fsdp_fastload.materialize failed on all ranks (this is rank {rank}): "
                            + "; ".join(problems))
+
+
+@contextlib.contextmanager
+def _peer_errors(rank: int):
+    """A torch.distributed failure here (a peer gone, the group's timeout hit) as a MaterializeError."""
+    try:
+        yield
+    except MaterializeError:
+        raise
+    except RuntimeError as e:
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MaterializeError(
+            f"fsdp_fastload.materialize (rank {rank}): exchanging status with the other ranks failed "
+            f"({type(e).__name__}: {cause}). A peer rank most likely died, or did not reach materialize "
+            "within the process group's timeout: look for the first error in the other ranks' logs. "
+            "Nothing was installed on this rank.") from e

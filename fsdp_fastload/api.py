@@ -15,6 +15,7 @@ from torch import nn
 from . import ops
 from .agree import MaterializeError, agree
 from .buffers import POISON, recompute
+from .comm import pack_all
 from .fill import Packer, broadcast_fill
 from .install import install
 from .layout import Layout, plan
@@ -33,6 +34,7 @@ _TUNING = {
     "strict": False,  # state_dict: unexpected checkpoint keys are an error (else a warning on src)
     "buffer_init": None,  # callable(module) that sets a module's non-persistent buffers
     "read_threads": 4,  # threads reading safetensors byte ranges on src
+    "timeout": None,  # seconds one wait on a broadcast may block; None: max(60, bytes sent / 50 MB/s)
 }
 _SUPPORTED_CLASSES = ("Parameter", "Tensor")
 
@@ -56,6 +58,10 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
        or ``buffer_init``) without touching anything loaded. A buffer nobody wrote is an error.
     4. Ranks whose models differ, or any rank with a bad argument, raise ``MaterializeError`` on
        every rank before any data moves; a failed call leaves the module as it was.
+    5. Once data moves: a peer that dies or stalls makes every surviving rank raise
+       ``MaterializeError`` (naming the bucket and bytes) within ``timeout`` seconds per wait on a
+       broadcast; a checkpoint that src cannot read after all (truncated after its header was
+       checked) is raised on every rank after the last bucket. Nothing is installed in either case.
 
     Args:
         module: the model (modified in place and returned).
@@ -67,7 +73,10 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
         verify: all-gather per-tensor checksums afterwards and raise naming any tensor that differs.
         **tuning: ``bucket_size`` (bytes; auto 4-16 MiB), ``direct_min`` (half a bucket), ``max_inflight`` (4), ``poison`` (False),
             ``progress`` (None: auto), ``strict`` (False), ``buffer_init`` (None),
-            ``read_threads`` (4).
+            ``read_threads`` (4), ``timeout`` (seconds any one wait on a bucket broadcast may block;
+            None: ``max(60, bytes sent / 50 MB/s)``, so only a dead or stuck peer trips it. The
+            agreement before any data moves waits as long as the process group's timeout, since
+            src may still be loading the model).
 
     Example::
 
@@ -143,6 +152,11 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     entries = build_manifest(module)
     if error is None:
         error = _check_local(entries, is_src=is_src, state_dict=state_dict)
+    timeout = opts["timeout"]
+    if error is None and timeout is not None and (isinstance(timeout, bool) or not isinstance(
+            timeout, (int, float)) or not 0 < timeout < float("inf")):
+        error = (f"timeout must be a positive, finite number of seconds (got {timeout!r}). "
+                 "Pass timeout=None for the default.")
     src_plan = None
     if error is None and is_src and state_dict is not None:
         try:
@@ -182,7 +196,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         if distributed:
             packer = Packer(sources, layout, read_threads=opts["read_threads"])
             broadcast_fill(None, layout, is_src=True, packer=packer, src=src, group=group, device=device,
-                           max_inflight=opts["max_inflight"], progress=opts["progress"])
+                           max_inflight=opts["max_inflight"], progress=opts["progress"],
+                           timeout=opts["timeout"])
         t_fill = time.perf_counter()
         if verify and distributed:
             _verify(entries, [e.tensor for e in entries], group=group, src=src, rank=rank,
@@ -216,10 +231,9 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
 
     if distributed:
         broadcast_fill(target, layout, is_src=is_src, packer=packer, src=src, group=group, device=device,
-                       max_inflight=opts["max_inflight"], progress=opts["progress"])
+                       max_inflight=opts["max_inflight"], progress=opts["progress"], timeout=opts["timeout"])
     else:
-        for a, b in layout.buckets:
-            packer.pack(a, b, target(a, b))
+        pack_all(target, layout, packer)
     for i, w in zip(conv, wire_views):
         views[i].copy_(w)  # "send bf16, upcast after": the module's dtype wins
     del wire_views, wirebuf

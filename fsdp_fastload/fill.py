@@ -10,13 +10,12 @@ from __future__ import annotations
 import bisect
 import sys
 import time
-from collections import deque
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from . import ops
+from .comm import Broadcasts
 from .layout import Layout
 from .source import FileTensor
 
@@ -166,15 +165,20 @@ def _progress(total: int) -> Callable[[int, float], None] | None:
 
 def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: Layout, *, is_src: bool,
                    packer: Packer | None, src: int, group, device: torch.device,
-                   max_inflight: int = 4, progress: bool | None = None) -> None:
+                   max_inflight: int = 4, progress: bool | None = None,
+                   timeout: float | None = None) -> None:
     """Fill every bucket's `target(a, b)` on every rank with src's bytes (collective).
 
     `target=None` on src means src keeps its own tensors (already on `device`): a bucket inside one
     tensor is sent straight from it, other buckets are packed into two reused staging buffers.
+    Failures (see `comm.Broadcasts`): a dead or stuck peer raises MaterializeError on every surviving
+    rank within `timeout` seconds per wait (None: `comm.default_timeout`); a read/pack failure on src
+    is raised on every rank after the last bucket. Either way nothing was installed.
     """
+    sends = Broadcasts(layout, src=src, group=group, device=device, max_inflight=max_inflight,
+                       timeout=timeout)
     if is_src and target is None:
-        return _send_kept(layout, packer, src=src, group=group, device=device,
-                          max_inflight=max_inflight, progress=progress)
+        return _send_kept(layout, packer, sends, device=device, progress=progress)
     cuda = device.type == "cuda"
     staging: list[torch.Tensor] = []
     events: list = [None, None]
@@ -186,21 +190,20 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
         staging = [ops.alloc(biggest, "cpu", pin_memory=True) for _ in range(2)]
     show = _progress(layout.wire_total) if is_src and progress is not False else None
     t0 = time.perf_counter()
-    inflight: deque = deque()
     for k, (a, b) in enumerate(layout.buckets):
         dst = target(a, b)
-        if is_src:
-            if cuda:
-                _pack_cuda(dst, a, b, packer, staging[k % 2], events, k % 2, copy_stream, device)
-            else:
-                packer.pack(a, b, dst)
-        while len(inflight) >= max_inflight:
-            inflight.popleft().wait()
-        inflight.append(dist.broadcast(dst, src=src, group=group, async_op=True))
+        if is_src and sends.error is None:
+            try:
+                if cuda:
+                    _pack_cuda(dst, a, b, packer, staging[k % 2], events, k % 2, copy_stream, device)
+                else:
+                    packer.pack(a, b, dst)
+            except Exception as e:  # noqa: BLE001  src keeps sending; every rank raises it in finish()
+                sends.fail(k, e)
+        sends.send(k, dst)
         if show:
             show(b, t0)
-    while inflight:
-        inflight.popleft().wait()
+    sends.finish()
     if cuda:
         torch.cuda.current_stream(device).synchronize()
 
@@ -221,34 +224,33 @@ def _pack_cuda(dst, a, b, packer, stage, events, slot, copy_stream, device) -> N
     torch.cuda.current_stream(device).wait_event(ev)  # NCCL orders itself after the current stream
 
 
-def _send_kept(layout: Layout, packer: Packer, *, src, group, device, max_inflight, progress) -> None:
+def _send_kept(layout: Layout, packer: Packer, sends: Broadcasts, *, device, progress) -> None:
     show = _progress(layout.wire_total) if progress is not False else None
     t0 = time.perf_counter()
-    inflight: deque = deque()
     biggest = max((b - a for a, b in layout.buckets), default=0)
     slots: list[torch.Tensor | None] = [None, None]  # staging, allocated on first use
-    slot_work: list = [None, None]  # the broadcast that last read each staging buffer
+    slot_sent: list = [None, None]  # the broadcast that last read each staging buffer
     packed = 0
-    for a, b in layout.buckets:
-        buf = packer.direct_view(a, b)
+    for k, (a, b) in enumerate(layout.buckets):
+        buf = packer.direct_view(a, b) if sends.error is None else None
         slot = None
         if buf is None:
             slot, packed = packed % 2, packed + 1
-            if slot_work[slot] is not None:
-                slot_work[slot].wait()
+            if slot_sent[slot] is not None:
+                sends.wait(slot_sent[slot])
             if slots[slot] is None:
                 slots[slot] = ops.alloc(biggest, device)
             buf = slots[slot][:b - a]
-            packer.pack(a, b, buf)
-        while len(inflight) >= max_inflight:
-            inflight.popleft().wait()
-        work = dist.broadcast(buf, src=src, group=group, async_op=True)
-        inflight.append(work)
+            if sends.error is None:
+                try:
+                    packer.pack(a, b, buf)
+                except Exception as e:  # noqa: BLE001  src keeps sending; every rank raises it in finish()
+                    sends.fail(k, e)
+        sent = sends.send(k, buf)
         if slot is not None:
-            slot_work[slot] = work
+            slot_sent[slot] = sent
         if show:
             show(b, t0)
-    while inflight:
-        inflight.popleft().wait()
+    sends.finish()
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()

@@ -3,6 +3,7 @@
 `run_ranks(fn, world, *args)` spawns `world` processes; each initialises a gloo process group over
 TCP on loopback, calls `fn(rank, world, *args)` and reports its return value or its exception.
 The parent waits at most `timeout` seconds, kills everything still running, and fails loudly.
+Fault tests name the ranks that exit on purpose (`expect_dead`); their result is a `Died`.
 """
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ class RankError(Exception):
     def __init__(self, rank, type_name, message, tb):
         super().__init__(f"rank {rank}: {type_name}: {message}")
         self.rank, self.type_name, self.message, self.tb = rank, type_name, message, tb
+
+
+class Died:
+    """The result of a rank in `expect_dead` that exited without reporting (exit code kept)."""
+
+    def __init__(self, rank, exitcode):
+        self.rank, self.exitcode = rank, exitcode
+
+    def __repr__(self):
+        return f"Died(rank={self.rank}, exitcode={self.exitcode})"
 
 
 def _free_port() -> int:
@@ -54,8 +65,9 @@ def _worker(rank, world, port, fn, args, q, env):
 
 
 def run_ranks(fn, world: int, *args, timeout: float = 240, env: dict | None = None,
-              raise_errors: bool = True):
-    """Results of `fn` per rank (list indexed by rank); RankError for a rank that raised."""
+              raise_errors: bool = True, expect_dead: tuple[int, ...] = ()):
+    """Results of `fn` per rank (list indexed by rank); RankError for a rank that raised, `Died` for
+    a rank in `expect_dead` that exited without reporting (any other silent exit is an error)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
@@ -78,12 +90,16 @@ def run_ranks(fn, world: int, *args, timeout: float = 240, env: dict | None = No
             try:
                 rank, status, payload = q.get(timeout=min(left, 1.0))
             except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None
+                        and (p.exitcode != 0 or r in expect_dead)]
                 if dead:
                     time.sleep(0.5)  # a last report may still be in the queue
                     while not q.empty():
                         rank, status, payload = q.get()
                         results[rank] = payload if status == "ok" else RankError(rank, *payload)
+                    for r in dead:
+                        if r not in results and r in expect_dead:
+                            results[r] = Died(r, procs[r].exitcode)
                     dead = [r for r in dead if r not in results]
                     if dead:
                         raise RuntimeError(f"ranks {dead} died (exit codes "

@@ -1,0 +1,317 @@
+"""Failures once data moves, on real gloo ranks: a peer that dies or stalls mid-load, a checkpoint that
+breaks after its header was checked. Every surviving rank raises a MaterializeError (never hangs),
+src's module is exactly as it was (same tensor objects, same values), receivers are still all meta.
+
+Faults are injected in one worker only: a wrapper around `torch.distributed.broadcast` that, at the
+k-th bucket broadcast of the fill, exits the process (`os._exit(17)`) or sleeps; or a wrapper around
+`source.parse_header` that truncates the file right after its header was validated.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from dist_harness import Died, run_ranks
+
+from fsdp_fastload.comm import default_timeout
+
+EXIT_CODE = 17
+BUCKET = 16 << 10  # small buckets: the fill is ~20 broadcasts, so a fault at the 3rd is mid-load
+
+
+class FaultNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Linear(128, 128) for _ in range(16)])
+        self.register_buffer("steps", torch.arange(10))
+
+    def forward(self, x):
+        return self.layers(x) + self.steps.sum()
+
+
+def _build(real: bool, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    if real:
+        return FaultNet().to(dtype)
+    with torch.device("meta"):
+        return FaultNet().to(dtype)
+
+
+def _tensors(model):
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _snapshot(model):
+    return {n: (t, None if t.is_meta else t.detach().clone()) for n, t in _tensors(model).items()}
+
+
+def _changes(model, before) -> list[str]:
+    """Every way `model` differs from `before`: a tensor replaced, its values changed, meta no more."""
+    bad, after = [], _tensors(model)
+    for n, (t, val) in before.items():
+        if after[n] is not t:
+            bad.append(f"{n}: replaced by a new tensor")
+        elif val is not None and not torch.equal(after[n], val):
+            bad.append(f"{n}: values changed")
+        elif val is None and not after[n].is_meta:
+            bad.append(f"{n}: no longer meta")
+    return bad
+
+
+def _arm(rank: int, fault: dict | None) -> None:
+    """In this worker only: make the `fault["at"]`-th bucket broadcast of the fill die or stall."""
+    if fault is None or rank != fault["rank"]:
+        return
+    import torch.distributed as dist
+
+    real, calls = dist.broadcast, [0]
+
+    def broadcast(tensor, *args, async_op=False, **kwargs):
+        if async_op:  # the fill's buckets (the layout broadcast before them is synchronous)
+            calls[0] += 1
+            if calls[0] == fault["at"]:
+                if fault["do"] == "stall":
+                    time.sleep(fault["seconds"])
+                else:  # die with this bucket on its way: mid-transfer
+                    real(tensor, *args, async_op=True, **kwargs)
+                    os._exit(EXIT_CODE)
+        return real(tensor, *args, async_op=async_op, **kwargs)
+
+    dist.broadcast = broadcast
+
+
+def _fault_worker(rank, world, fault, source, path, timeout):
+    from fsdp_fastload import MaterializeError, materialize
+
+    _arm(rank, fault)
+    model = _build(real=(rank == 0 and source == "model"))
+    before = _snapshot(model)
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    t0 = time.perf_counter()
+    try:
+        materialize(model, "cpu", state_dict=path if rank == 0 and source == "file" else None,
+                    bucket_size=BUCKET, **kwargs)
+        return {"type": None, "msg": "no error"}
+    except MaterializeError as e:
+        return {"type": type(e).__name__, "msg": str(e), "elapsed": time.perf_counter() - t0,
+                "changes": _changes(model, before),
+                "all_meta": all(t.is_meta for t in _tensors(model).values())}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path_factory.mktemp("faults") / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in _build(real=True).state_dict().items()}, path)
+    return path
+
+
+BUCKET_MSG = (r"fsdp_fastload\.materialize \(rank {rank}\): the broadcast of bucket (\d+) of (\d+) "
+              r"\(bytes \[(\d+), (\d+)\) of (\d+), from src rank 0\) ")
+DIED_MSG = (r"failed after [\d.]+ s \(timeout={timeout} s\): RuntimeError: .*(?:Connection closed by peer|"
+            r"Connection reset by peer|Broken pipe).* "
+            r"A peer rank most likely died: look for the first error in the other ranks' logs\.")
+TIMED_OUT_MSG = (r"timed out \(waited [\d.]+ s, timeout={timeout} s\)\. A peer rank stalled or died: look for "
+                 r"the first error in the other ranks' logs\.")
+FIX_MSG = ("Nothing was installed on this rank (its module is as it was). Restart the job; if a load this "
+           "slow is expected, pass a larger materialize(..., timeout=<seconds>).")
+
+
+def _check_survivor(rank, res, *, problem: str, max_s: float, source: str) -> None:
+    assert res["type"] == "MaterializeError", f"rank {rank}: {res}"
+    msg = res["msg"]
+    m = re.match(BUCKET_MSG.format(rank=rank) + problem, msg)
+    assert m, f"rank {rank}: {msg!r} !~ {BUCKET_MSG.format(rank=rank) + problem!r}"
+    k, n, a, b, total = map(int, m.groups()[:5])
+    assert 1 <= k <= n and 0 <= a < b <= total and n > 8, msg
+    assert msg.endswith(FIX_MSG), msg
+    assert res["elapsed"] < max_s, f"rank {rank} took {res['elapsed']:.1f} s to fail (limit {max_s} s)"
+    assert res["changes"] == [], f"rank {rank}: a failed call changed the module: {res['changes']}"
+    holds_weights = rank == 0 and source == "model"
+    assert res["all_meta"] is (not holds_weights), f"rank {rank}: all_meta={res['all_meta']}"
+
+
+@pytest.mark.parametrize("world,dead,source,timeout", [
+    (2, 1, "model", None),   # a receiver dies; src sends from its own tensors; default timeout (60 s)
+    (2, 0, "file", None),    # src dies while sending from a checkpoint file
+    (3, 1, "model", 5),      # a receiver dies; src and the other receiver must both raise
+    (3, 0, "file", 5),       # src dies; both receivers raise
+])
+def test_peer_dies_mid_fill(ckpt, world, dead, source, timeout):
+    fault = {"rank": dead, "at": 3, "do": "die"}
+    results = run_ranks(_fault_worker, world, fault, source, ckpt, timeout, timeout=120,
+                        expect_dead=(dead,))
+    assert isinstance(results[dead], Died) and results[dead].exitcode == EXIT_CODE, results[dead]
+    shown = "60" if timeout is None else str(timeout)
+    for rank, res in enumerate(results):
+        if rank == dead:
+            continue
+        # Survivors connected to the dead rank see its closed connection at once; in a 3-rank
+        # broadcast a rank may instead wait on a peer that has already given up: the timeout ends it.
+        problem = f"(?:{DIED_MSG}|{TIMED_OUT_MSG})".format(timeout=shown)
+        _check_survivor(rank, res, problem=problem, max_s=(timeout or 0) + 20, source=source)
+
+
+@pytest.mark.parametrize("stalled,source", [(0, "model"), (1, "file")])
+def test_stalled_peer_hits_the_timeout(ckpt, stalled, source):
+    # The stalled rank sleeps 6 s inside its 3rd bucket broadcast; the other rank waits at most
+    # timeout=1.5 s for any one bucket, raises, and says so. The sleeper then finds its peer gone (or
+    # times out itself): it raises too, its module unchanged.
+    fault = {"rank": stalled, "at": 3, "do": "stall", "seconds": 6}
+    results = run_ranks(_fault_worker, 2, fault, source, ckpt, 1.5, timeout=120)
+    other = 1 - stalled
+    _check_survivor(other, results[other], problem=TIMED_OUT_MSG.format(timeout=1.5), max_s=5, source=source)
+    res = results[stalled]
+    assert res["type"] == "MaterializeError" and re.match(BUCKET_MSG.format(rank=stalled), res["msg"]), res
+    assert res["changes"] == [], res["changes"]
+
+
+def _dies_before_materialize_worker(rank, world):
+    from fsdp_fastload import MaterializeError, materialize
+
+    if rank == 1:
+        os._exit(EXIT_CODE)
+    model = _build(real=True)
+    before = _snapshot(model)
+    try:
+        materialize(model, "cpu")
+    except MaterializeError as e:
+        return str(e), _changes(model, before)
+    return "no error", []
+
+
+def test_peer_gone_before_the_agreement():
+    res = run_ranks(_dies_before_materialize_worker, 2, timeout=120, expect_dead=(1,))
+    assert isinstance(res[1], Died) and res[1].exitcode == EXIT_CODE
+    msg, changes = res[0]
+    assert re.match(r"fsdp_fastload\.materialize \(rank 0\): exchanging status with the other ranks failed "
+                    r"\(RuntimeError: .*\)\. A peer rank most likely died, or did not reach materialize within "
+                    r"the process group's timeout", msg), msg
+    assert changes == []
+
+
+# ------------------------------------------------------------ src's checkpoint breaks mid-load
+
+
+def _truncating_parse_header(real):
+    """parse_header that validates the real header, then cuts 'trunc*' files to half their size."""
+
+    def parse(path):
+        out = real(path)
+        if os.path.basename(path).startswith("trunc"):
+            os.truncate(path, os.path.getsize(path) // 2)
+        return out
+    return parse
+
+
+def _truncated_worker(rank, world, files):
+    import fsdp_fastload.source as source
+    from fsdp_fastload import MaterializeError, materialize
+
+    if rank == 0:
+        source.parse_header = _truncating_parse_header(source.parse_header)
+    out = {}
+    for name, (path, dtype) in files.items():
+        model = _build(real=False, dtype=dtype)
+        before = _snapshot(model)
+        try:
+            materialize(model, "cpu", state_dict=path if rank == 0 else None, bucket_size=BUCKET,
+                        poison=True)
+            out[name] = ("no error", [])
+        except MaterializeError as e:
+            out[name] = (str(e), _changes(model, before))
+    # The collective sequence stayed in step through those failures: a good load still works.
+    model = _build(real=False)
+    materialize(model, "cpu", state_dict=files["good"][0] if rank == 0 else None, bucket_size=BUCKET,
+                verify=True)
+    ref = _build(real=True)
+    out["after"] = [n for n, t in _tensors(model).items() if not torch.equal(t, _tensors(ref)[n])]
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_checkpoint_truncated_after_header_check_raises_on_every_rank(ckpt, tmp_path, world):
+    files = {}
+    for name, dtype in [("trunc_fp32", torch.float32), ("trunc_bf16", torch.bfloat16)]:
+        files[name] = (str(tmp_path / f"{name}.safetensors"), dtype)
+        shutil.copy(ckpt, files[name][0])
+    files["good"] = (ckpt, torch.float32)
+    results = run_ranks(_truncated_worker, world, files, timeout=180)
+    size = os.path.getsize(ckpt)
+    for rank, res in enumerate(results):
+        assert res.pop("after") == [], f"rank {rank}: a good load after the failures differs"
+        assert res.pop("good") == ("no error", [])
+        for name, (msg, changes) in res.items():
+            path = files[name][0]
+            # fp32: the bucket's read_ranges fails; bf16: src's whole-tensor read for conversion fails.
+            pattern = (rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank 0: src "
+                       rf"could not read/pack bucket (\d+) of (\d+) \(bytes \[\d+, \d+\) of \d+\): RuntimeError: "
+                       rf"fsdp_fastload read_ranges: range \d+ reads bytes \[\d+, \d+\) past the end of "
+                       rf"{re.escape(path)} \({size // 2} bytes\)\. The file is truncated or its header lies\. "
+                       r"If a checkpoint file changed after materialize read its header \(truncated, rewritten, "
+                       r"a failing disk\), restore it and retry\. Nothing was installed on any rank\.$")
+            m = re.match(pattern, msg)
+            assert m, f"rank {rank} {name}: {msg!r} !~ {pattern!r}"
+            assert 1 < int(m.group(1)) < int(m.group(2)), f"not a mid-load failure: {msg}"
+            assert changes == [], f"rank {rank} {name}: {changes}"
+
+
+def test_truncated_checkpoint_without_process_group(ckpt, tmp_path, monkeypatch):
+    import fsdp_fastload.source as source
+    from fsdp_fastload import MaterializeError, materialize
+
+    path = str(tmp_path / "trunc.safetensors")
+    shutil.copy(ckpt, path)
+    monkeypatch.setattr(source, "parse_header", _truncating_parse_header(source.parse_header))
+    model = _build(real=False)
+    before = _snapshot(model)
+    with pytest.raises(MaterializeError, match=rf"^fsdp_fastload\.materialize: could not read/pack bucket \d+ "
+                       rf"of \d+ \(bytes \[\d+, \d+\)\): RuntimeError: fsdp_fastload read_ranges: .* past the end "
+                       rf"of {re.escape(path)} .*Check that the checkpoint is complete and unchanged; the "
+                       r"module was left as it was\.$"):
+        materialize(model, "cpu", state_dict=path, bucket_size=BUCKET)
+    assert _changes(model, before) == []
+
+
+# ------------------------------------------------------------ the timeout option itself
+
+
+def test_default_timeout_rule():
+    assert default_timeout(0) == 60.0
+    assert default_timeout(3 * 10**9) == 60.0  # 3 GB at 50 MB/s is exactly a minute
+    assert default_timeout(14 * 10**9) == 280.0  # a 7B bf16 model: under 5 minutes per wait
+
+
+def _bad_timeout_worker(rank, world):
+    from fsdp_fastload import MaterializeError, materialize
+
+    out = []
+    for bad in (0, -1, float("nan"), float("inf"), "5", True):
+        model = _build(real=rank == 0)
+        try:
+            materialize(model, "cpu", timeout=bad if rank == 1 else 30)
+            out.append("no error")
+        except MaterializeError as e:
+            out.append(str(e))
+    model = _build(real=rank == 0)
+    materialize(model, "cpu", timeout=10)  # after all those refusals the group is still in step
+    out.append([n for n, t in _tensors(model).items() if not torch.equal(t, _tensors(_build(True))[n])])
+    return out
+
+
+def test_bad_timeout_raises_on_every_rank():
+    for rank, res in enumerate(run_ranks(_bad_timeout_worker, 2)):
+        assert res.pop() == []
+        for bad, msg in zip(("0", "-1", "nan", "inf", "'5'", "True"), res):
+            assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank 1: "
+                            rf"timeout must be a positive, finite number of seconds \(got {bad}\)\. Pass "
+                            r"timeout=None for the default\.$", msg), msg
