@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import ops
+from . import ops, shard
 from .agree import MaterializeError, agree
 from .buffers import POISON, recompute
-from .comm import pack_all
+from .comm import Broadcasts, pack_all
 from .fill import Packer, broadcast_fill
 from .install import install
 from .layout import Layout, plan
@@ -36,7 +36,7 @@ _TUNING = {
     "read_threads": 4,  # threads reading safetensors byte ranges on src
     "timeout": None,  # seconds one wait on a broadcast may block; None: max(60, bytes sent / 50 MB/s)
 }
-_SUPPORTED_CLASSES = ("Parameter", "Tensor")
+_SUPPORTED_CLASSES = ("Parameter", "Tensor", "DTensor")
 
 last_stats: dict = {}  # timings of the most recent call on this rank (for the CLI and benchmarks)
 
@@ -125,7 +125,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         if src != 0:
             raise MaterializeError(f"fsdp_fastload.materialize: src={src} without an initialised process "
                                    "group; a single process is rank 0. Pass src=0.")
-        rank, is_src, backend = 0, True, ""
+        rank, is_src, backend, ranks = 0, True, "", [0]
     else:
         rank = dist.get_rank()
         ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
@@ -157,6 +157,13 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
             timeout, (int, float)) or not 0 < timeout < float("inf")):
         error = (f"timeout must be a positive, finite number of seconds (got {timeout!r}). "
                  "Pass timeout=None for the default.")
+    # DTensor (FSDP2) entries: only local shards are allocated, filled by scatters (see shard.py).
+    shd = [i for i, e in enumerate(entries) if e.cls == "DTensor"]
+    rep = [i for i, e in enumerate(entries) if e.cls != "DTensor"] if shd else list(range(len(entries)))
+    geos: list = []
+    if shd and error is None:
+        geos = [shard.geometry(entries[i], ranks) for i in shd]
+        error = next((g for g in geos if isinstance(g, str)), None)
     src_plan = None
     if error is None and is_src and state_dict is not None:
         try:
@@ -166,14 +173,20 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         if src_plan is not None and src_plan.unexpected:
             warnings.warn(f"fsdp_fastload.materialize: {len(src_plan.unexpected)} checkpoint key(s) not "
                           f"in the model were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
-    layout = None
+    layout = shd_layout = None
+    sources = wire_all = None
     if error is None and is_src:
         sources = src_plan.sources if src_plan is not None else [e.tensor for e in entries]
+        wire_all = src_plan.wire if src_plan is not None else [e.dtype for e in entries]
         bucket = opts["bucket_size"] or _auto_bucket(sum(e.nbytes for e in entries))
-        layout = plan(entries, bucket_size=bucket, direct_min=opts["direct_min"] or bucket // 2,
-                      wire=src_plan.wire if src_plan is not None else None, sources=sources)
+        direct_min = opts["direct_min"] or bucket // 2
+        layout = plan([entries[i] for i in rep], bucket_size=bucket, direct_min=direct_min,
+                      wire=[wire_all[i] for i in rep], sources=[sources[i] for i in rep])
+        if shd:  # each scatter moves `world` pieces: keep src's staging near a bucket
+            shd_layout = plan(shard.slot_entries([entries[i] for i in shd], geos), direct_min=direct_min,
+                              bucket_size=max(bucket // len(ranks), 1 << 20), wire=[wire_all[i] for i in shd])
     if distributed:
-        encoded = layout.encode() if layout is not None else []
+        encoded = _encode(layout, shd_layout)
         summ = summary(entries)
         n = agree(group=group, src=src, rank=rank, comm_device=comm_device,
                   fp=fingerprint(summ, (src,)), summary=summ, error=error,
@@ -183,82 +196,128 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         shipped = shipped.to(comm_device)
         dist.broadcast(shipped, src=src, group=group)
         if not is_src:
-            layout = Layout.decode(shipped.tolist())
+            layout, shd_layout = _decode(shipped.tolist())
     elif error:
         raise MaterializeError(f"fsdp_fastload.materialize: {error}")
-    wire = layout.wire_dtype
     t_agree = time.perf_counter()
+    fill = dict(src=src, group=group, device=device, max_inflight=opts["max_inflight"],
+                progress=opts["progress"], timeout=timeout)
 
     # 2-3. layout, one allocation (plus a wire buffer for dtype-converted tensors), all views.
-    if is_src and src_plan is None and all(_kept_in_place(e, device) for e in entries):
+    if is_src and src_plan is None and not shd and all(_kept_in_place(e, device) for e in entries):
         # src's tensors already live on `device`: it sends from them and keeps them (no copy at all).
         t_alloc = time.perf_counter()
         if distributed:
             packer = Packer(sources, layout, read_threads=opts["read_threads"])
-            broadcast_fill(None, layout, is_src=True, packer=packer, src=src, group=group, device=device,
-                           max_inflight=opts["max_inflight"], progress=opts["progress"],
-                           timeout=opts["timeout"])
+            broadcast_fill(None, layout, is_src=True, packer=packer, **fill)
         t_fill = time.perf_counter()
         if verify and distributed:
             _verify(entries, [e.tensor for e in entries], group=group, src=src, rank=rank,
                     comm_device=comm_device)
-        _log(rank=rank, is_src=is_src, entries=entries, layout=layout, device=device,
+        _log(rank=rank, is_src=is_src, entries=entries, layouts=[layout], device=device,
              phases={"agree": t_agree - t_start, "alloc": 0.0, "fill": t_fill - t_alloc,
                      "install": time.perf_counter() - t_fill})
         return module
-    main = ops.alloc(layout.main_total, device)
-    wirebuf = ops.alloc(layout.wire_total - layout.direct, device)
+    rep_entries = [entries[i] for i in rep]
+    parts = [(layout, rep_entries)]
+    if shd:
+        parts.append((shd_layout, shard.slot_entries([entries[i] for i in shd], geos)))
+    main_sizes = [lay.main_total for lay, _ in parts]
+    wire_sizes = [lay.wire_total - lay.direct for lay, _ in parts]
+    main = ops.alloc(sum(main_sizes), device)
+    wirebuf = ops.alloc(sum(wire_sizes), device)
     if opts["poison"]:
         ops.poison_(main)
         ops.poison_(wirebuf)
-    views = ops.carve(main, ops.encode_spec([e.dtype for e in entries], layout.final,
-                                            [e.shape for e in entries]))
-    conv = [i for i, e in enumerate(entries) if wire[i] is not None and wire[i] != e.dtype]
-    wire_views = ops.carve(wirebuf, ops.encode_spec([wire[i] for i in conv],
-                                                    [layout.wire[i] - layout.direct for i in conv],
-                                                    [entries[i].shape for i in conv]))
-    local = [i for i in range(len(entries)) if wire[i] is None]
+    targets, part_views, conversions = [], [], []
+    main_off = wire_off = 0
+    for (lay, ents), msize, wsize in zip(parts, main_sizes, wire_sizes):
+        m, w = main[main_off:main_off + msize], wirebuf[wire_off:wire_off + wsize]
+        main_off, wire_off = main_off + msize, wire_off + wsize
+        views = ops.carve(m, ops.encode_spec([e.dtype for e in ents], lay.final, [e.shape for e in ents]))
+        conv = [i for i, e in enumerate(ents) if lay.wire_dtype[i] is not None and lay.wire_dtype[i] != e.dtype]
+        wire_views = ops.carve(w, ops.encode_spec([lay.wire_dtype[i] for i in conv],
+                                                  [lay.wire[i] - lay.direct for i in conv],
+                                                  [ents[i].shape for i in conv]))
+        targets.append(_target(m, w, lay.direct))
+        part_views.append(views)
+        conversions.append([(views[i], wv) for i, wv in zip(conv, wire_views)])
+    views = part_views[0]
+    local = [i for i in range(len(rep_entries)) if layout.wire_dtype[i] is None]
     t_alloc = time.perf_counter()
 
     # 4. fill: bucket by bucket, src packing/reading the next while the current one is in flight.
-    if is_src:
-        packer = Packer(sources, layout, read_threads=opts["read_threads"])
-    else:
-        packer = None
-
-    def target(a: int, b: int) -> torch.Tensor:
-        return main[a:b] if b <= layout.direct else wirebuf[a - layout.direct:b - layout.direct]
-
+    packer = Packer([sources[i] for i in rep], layout, read_threads=opts["read_threads"]) if is_src else None
     if distributed:
-        broadcast_fill(target, layout, is_src=is_src, packer=packer, src=src, group=group, device=device,
-                       max_inflight=opts["max_inflight"], progress=opts["progress"], timeout=opts["timeout"])
+        broadcast_fill(targets[0], layout, is_src=is_src, packer=packer, **fill)
     else:
-        pack_all(target, layout, packer)
-    for i, w in zip(conv, wire_views):
-        views[i].copy_(w)  # "send bf16, upcast after": the module's dtype wins
-    del wire_views, wirebuf
+        pack_all(targets[0], layout, packer)
+    per_rank = None
+    if shd:
+        if is_src:
+            per_rank = [shard.local_sources(sources[i], entries[i], g, read_threads=opts["read_threads"])
+                        for i, g in zip(shd, geos)]
+            packers = [Packer([p[r] for p in per_rank], shd_layout, read_threads=opts["read_threads"])
+                       for r in range(len(ranks))]
+        sends = Broadcasts(shd_layout, src=src, group=group, device=device, op="scatter",
+                           max_inflight=opts["max_inflight"], timeout=timeout)
+        shard.scatter_fill(targets[1], shd_layout, is_src=is_src, packers=packers if is_src else None,
+                           src=src, group=group, device=device, sends=sends)
+    for pairs in conversions:
+        for v, w in pairs:
+            v.copy_(w)  # "send bf16, upcast after": the module's dtype wins
+    del conversions, wirebuf
+    me = ranks.index(rank)
+    if shd:
+        shard.zero_padding(part_views[1], [entries[i] for i in shd], geos, me)
     t_fill = time.perf_counter()
 
     # 5-6. non-persistent buffers nobody sent: recomputed locally; then verify and install.
     if local:
         for i in local:
-            v = views[i]
-            if v.numel():
-                ops.poison_(main[layout.final[i]:layout.final[i] + entries[i].nbytes], POISON)
-        error = recompute(module, entries, views, local, opts["buffer_init"])
+            if views[i].numel():
+                ops.poison_(views[i].view(-1).view(torch.uint8), POISON)
+        all_views = [None] * len(entries)
+        for k, i in enumerate(rep):
+            all_views[i] = views[k]
+        error = recompute(module, entries, all_views, [rep[i] for i in local], opts["buffer_init"])
         if distributed:
             agree(group=group, src=src, rank=rank, comm_device=comm_device, fp=0, summary=[], error=error)
         elif error:
             raise MaterializeError(f"fsdp_fastload.materialize: {error}")
     if verify and distributed:
-        _verify(entries, views, group=group, src=src, rank=rank, comm_device=comm_device)
-    install(entries, views)
+        _verify(rep_entries, views, group=group, src=src, rank=rank, comm_device=comm_device)
+        if shd:
+            shard.verify_shards([entries[i] for i in shd], part_views[1], geos, per_rank, group=group, src=src,
+                                rank=rank, comm_device=comm_device)
+    install(rep_entries, views)
+    if shd:
+        shard.install_shards(module, [entries[i] for i in shd], part_views[1], geos, me)
     t_end = time.perf_counter()
 
-    _log(rank=rank, is_src=is_src, entries=entries, layout=layout, device=device,
+    _log(rank=rank, is_src=is_src, entries=entries, layouts=[lay for lay, _ in parts], device=device,
          phases={"agree": t_agree - t_start, "alloc": t_alloc - t_agree, "fill": t_fill - t_alloc,
                  "install": t_end - t_fill})
     return module
+
+
+def _target(main: torch.Tensor, wirebuf: torch.Tensor, direct: int):
+    """Where the bytes [a, b) of a layout's wire space land: final storage, or the wire buffer."""
+    def target(a: int, b: int) -> torch.Tensor:
+        return main[a:b] if b <= direct else wirebuf[a - direct:b - direct]
+    return target
+
+
+def _encode(layout: Layout | None, shd_layout: Layout | None) -> list[int]:
+    if layout is None:
+        return []
+    rep = layout.encode()
+    return [len(rep), *rep, *(shd_layout.encode() if shd_layout is not None else [])]
+
+
+def _decode(v: list[int]) -> tuple[Layout, Layout | None]:
+    n = v[0]
+    return Layout.decode(v[1:1 + n]), (Layout.decode(v[1 + n:]) if len(v) > 1 + n else None)
 
 
 def _auto_bucket(total: int) -> int:
@@ -299,8 +358,8 @@ def _check_local(entries: list[Entry], *, is_src: bool, state_dict) -> str | Non
     odd = [e.names[0] + f" ({e.cls})" for e in entries if e.cls not in _SUPPORTED_CLASSES]
     if odd:
         return (f"not supported: tensor subclasses {odd[:5]}{' ...' if len(odd) > 5 else ''} "
-                "(quantized or sharded parameters such as DTensor). Materialize the plain model "
-                "first, then shard or quantize it.")
+                "(quantized parameters, for instance). Materialize the plain model first, then "
+                "quantize it.")
     if not is_src:
         if state_dict is not None:
             return ("state_dict was passed on a rank that is not src; only src reads the checkpoint. "
@@ -308,6 +367,12 @@ def _check_local(entries: list[Entry], *, is_src: bool, state_dict) -> str | Non
         return None
     if state_dict is not None:
         return None
+    sharded = [e.names[0] for e in entries if e.cls == "DTensor"]
+    if sharded:
+        return (f"src holds {len(sharded)} DTensor (sharded) parameter(s), e.g. {sharded[:5]}, and no "
+                "state_dict: a shard cannot give the other ranks theirs. Pass the full state on src: "
+                "state_dict= a checkpoint directory, a .safetensors file or a mapping of full tensors "
+                "(e.g. from_pretrained(...).state_dict()).")
     meta = [e.names[0] for e in entries if e.tensor.is_meta]
     if meta:
         return (f"src holds {len(meta)} tensor(s) on the meta device, e.g. {meta[:10]}. "
@@ -317,18 +382,20 @@ def _check_local(entries: list[Entry], *, is_src: bool, state_dict) -> str | Non
     return None
 
 
-def _log(*, rank, is_src, entries, layout, device, phases) -> None:
+def _log(*, rank, is_src, entries, layouts, device, phases) -> None:
     total = sum(phases.values())
     nbytes = sum(e.nbytes for e in entries)
+    sent = sum(lay.wire_total for lay in layouts)
+    buckets = sum(len(lay.buckets) for lay in layouts)
     last_stats.clear()
-    last_stats.update(rank=rank, bytes=nbytes, sent_bytes=layout.wire_total, tensors=len(entries),
-                      buckets=len(layout.buckets), device=str(device), seconds=total,
+    last_stats.update(rank=rank, bytes=nbytes, sent_bytes=sent, tensors=len(entries),
+                      buckets=buckets, device=str(device), seconds=total,
                       **{f"{k}_s": v for k, v in phases.items()})
     if is_src and logger.isEnabledFor(logging.INFO):
         fill = phases["fill"]
         logger.info(
             "fsdp_fastload.materialize: %.1f MB (%.1f MB sent), %d tensors, %d buckets to %s in %.3f s "
             "(agree %.3f, alloc %.3f, fill %.3f at %.2f GB/s, install %.3f)",
-            nbytes / 1e6, layout.wire_total / 1e6, len(entries), len(layout.buckets), device, total,
+            nbytes / 1e6, sent / 1e6, len(entries), buckets, device, total,
             phases["agree"], phases["alloc"], fill,
-            layout.wire_total / fill / 1e9 if fill > 0 else float("inf"), phases["install"])
+            sent / fill / 1e9 if fill > 0 else float("inf"), phases["install"])

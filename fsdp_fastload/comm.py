@@ -53,16 +53,18 @@ class _Sent:
 
 
 class Broadcasts:
-    """The async bucket broadcasts of one fill: at most `max_inflight` in flight, every wait bounded.
+    """The async bucket collectives of one fill: at most `max_inflight` in flight, every wait bounded.
 
-    `send(k, buf)` broadcasts bucket k from src; `wait(sent)` waits for one; `fail(k, exc)` records a
-    local error on src (which then keeps sending); `finish()` waits for the rest, then every rank
-    raises src's recorded error, if any, together.
+    `send(k, buf)` broadcasts bucket k from src (with `op="scatter"`: scatters `scatter_list`, given
+    on src, each rank receiving its piece into `buf`); `wait(sent)` waits for one; `fail(k, exc)`
+    records a local error on src (which then keeps sending); `finish()` waits for the rest, then
+    every rank raises src's recorded error, if any, together.
     """
 
     def __init__(self, layout: Layout, *, src: int, group, device: torch.device, max_inflight: int,
-                 timeout: float | None):
+                 timeout: float | None, op: str = "broadcast"):
         self.layout, self.src, self.group, self.max_inflight = layout, src, group, max_inflight
+        self.op = op
         self.timeout = default_timeout(layout.wire_total) if timeout is None else float(timeout)
         self.rank = dist.get_rank()
         backend = str(dist.get_backend(group))
@@ -70,11 +72,14 @@ class Broadcasts:
         self.inflight: deque[_Sent] = deque()
         self.error: str | None = None
 
-    def send(self, k: int, buf: torch.Tensor) -> _Sent:
+    def send(self, k: int, buf: torch.Tensor, scatter_list: list | None = None) -> _Sent:
         while len(self.inflight) >= self.max_inflight:
             self.wait(self.inflight.popleft())
         try:
-            work = dist.broadcast(buf, src=self.src, group=self.group, async_op=True)
+            if self.op == "scatter":
+                work = dist.scatter(buf, scatter_list, src=self.src, group=self.group, async_op=True)
+            else:
+                work = dist.broadcast(buf, src=self.src, group=self.group, async_op=True)
         except RuntimeError as e:
             raise self._comm_error(k, e, 0.0) from e
         sent = _Sent(k, work)
@@ -109,7 +114,7 @@ class Broadcasts:
 
     def _comm_error(self, k: int, e: RuntimeError, waited: float) -> MaterializeError:
         a, b = self.layout.buckets[k]
-        what = (f"fsdp_fastload.materialize (rank {self.rank}): the broadcast of bucket {k + 1} of "
+        what = (f"fsdp_fastload.materialize (rank {self.rank}): the {self.op} of bucket {k + 1} of "
                 f"{len(self.layout.buckets)} (bytes [{a}, {b}) of {self.layout.wire_total}, from src "
                 f"rank {self.src})")
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -21,7 +21,7 @@ class Entry:
     """
 
     __slots__ = ("names", "kind", "persistent", "dtype", "shape", "requires_grad", "cls", "tensor",
-                 "owners", "numel", "nbytes")
+                 "owners", "numel", "nbytes", "placement")
 
     def __init__(self, names: list[str], kind: str, persistent: bool, dtype: torch.dtype,
                  shape: tuple[int, ...], requires_grad: bool, cls: str, tensor: torch.Tensor,
@@ -29,6 +29,8 @@ class Entry:
         self.names, self.kind, self.persistent, self.dtype = names, kind, persistent, dtype
         self.shape, self.requires_grad, self.cls, self.tensor = shape, requires_grad, cls, tensor
         self.owners = [] if owners is None else owners
+        # DTensor: (placements, mesh shape, mesh ranks), which must agree too; `shape` is global.
+        self.placement = _placement(tensor) if cls == "DTensor" else None
         n = 1
         for d in shape:
             n *= d
@@ -41,7 +43,14 @@ class Entry:
     def describe(self) -> tuple:
         """What must agree across ranks (no local state: device, values, storage)."""
         return (tuple(self.names), self.kind, self.persistent, str(self.dtype), self.shape,
-                self.requires_grad, self.cls)
+                self.requires_grad, self.cls, self.placement)
+
+
+def _placement(t: torch.Tensor) -> tuple | None:
+    mesh = getattr(t, "device_mesh", None)
+    if mesh is None:
+        return None
+    return (tuple(str(p) for p in t.placements), tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist()))
 
 
 def build_manifest(module: nn.Module) -> list[Entry]:
@@ -93,7 +102,7 @@ def fingerprint(summ: list[tuple], extra: tuple = ()) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-_FIELDS = ("kind", "persistent", "dtype", "shape", "requires_grad", "class")
+_FIELDS = ("kind", "persistent", "dtype", "shape", "requires_grad", "class", "placement")
 
 
 def first_difference(ref: list[tuple], ref_rank: int, other: list[tuple], other_rank: int) -> str:

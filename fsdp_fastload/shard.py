@@ -1,0 +1,306 @@
+"""DTensor (FSDP2) parameters: every rank allocates and receives only its own local shard.
+
+A model sharded with ``fully_shard`` on ``meta`` holds DTensor parameters whose local shard on each
+rank is a box of the full tensor (``Shard(d)``: a ``torch.chunk`` piece; ``Replicate``: all of it).
+Each such entry gets one *slot* per rank, the same size on every rank (the largest local shard,
+which is FSDP2's padded shard), and all slots live in a shard space laid out like the replicated
+one (`layout.plan` over one virtual 1-D entry per slot). Bucket k of the shard space is moved with
+one ``scatter``: src packs every rank's bytes of [a, b) (a contiguous piece of the checkpoint file
+or of the full tensor for ``Shard(0)``) and each rank receives straight into its final storage, no
+full tensor anywhere but on src, no second scatter. Afterwards the slot's tail past the local shard
+is zeroed (FSDP2 pads with zeros) and the views are installed as DTensor parameters, FSDP2's
+bookkeeping pointing at the same storage (no copy on its lazy init).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import ops
+from .layout import Layout
+from .manifest import Entry
+from .source import FileTensor
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where one DTensor entry's local shard lies on every rank of the group."""
+
+    slot_numel: int  # elements per rank's slot: the largest local shard (FSDP2's padded shard)
+    boxes: tuple  # per group rank index: (local shape, global offset per dim)
+
+
+def _box(shape: tuple, mesh_shape: tuple, coord: tuple, placements) -> tuple[tuple, tuple]:
+    """Local shape and global offset at mesh coordinate `coord` (torch.chunk semantics per Shard)."""
+    local, offset = list(shape), [0] * len(shape)
+    for mesh_dim, p in enumerate(placements):
+        if p.is_replicate():
+            continue
+        d, n, k = p.dim, mesh_shape[mesh_dim], coord[mesh_dim]
+        chunk = -(-local[d] // n) if local[d] else 0
+        start = min(k * chunk, local[d])
+        offset[d] += start
+        local[d] = max(0, min(chunk, local[d] - start))
+    return tuple(local), tuple(offset)
+
+
+def geometry(e: Entry, group_ranks: list[int]) -> Geometry | str:
+    """Every group rank's box of the DTensor entry `e`, or the reason it is not supported."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    t = e.tensor
+    name = e.names[0]
+    odd = [str(p) for p in t.placements if type(p) not in (Shard, Replicate)]
+    if odd:
+        return (f"not supported: '{name}' is a DTensor with placements {odd} (only Shard and Replicate). "
+                "Materialize the model before applying this parallelism, or use Shard/Replicate.")
+    mesh = t.device_mesh
+    grid = mesh.mesh
+    ranks = grid.flatten().tolist()
+    if sorted(ranks) != sorted(group_ranks):
+        return (f"not supported: '{name}' lives on a device mesh of ranks {ranks[:8]} but materialize runs "
+                f"over the group of ranks {group_ranks[:8]}. Pass group= covering exactly the mesh's ranks.")
+    coords = {}
+    for flat_i, r in enumerate(ranks):
+        c, rest = [], flat_i
+        for n in reversed(grid.shape):
+            c.append(rest % n)
+            rest //= n
+        coords[r] = tuple(reversed(c))
+    boxes = tuple(_box(e.shape, tuple(grid.shape), coords[r], t.placements) for r in group_ranks)
+    mine = boxes[group_ranks.index(dist.get_rank())]
+    want = compute_local_shape_and_global_offset(e.shape, mesh, t.placements)
+    if (tuple(mine[0]), tuple(mine[1])) != (tuple(want[0]), tuple(want[1])) or tuple(t._local_tensor.shape) != mine[0]:
+        return (f"not supported: '{name}' has a local shard of shape {tuple(t._local_tensor.shape)} at offset "
+                f"{tuple(want[1])}, but torch.chunk placement gives {mine[0]} at {mine[1]} "
+                f"(placements {t.placements}). Materialize the model before sharding it this way.")
+    slot = max((_numel(s) for s, _ in boxes), default=0)
+    return Geometry(slot_numel=slot, boxes=boxes)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _strides(shape) -> list[int]:
+    out, acc = [0] * len(shape), 1
+    for d in range(len(shape) - 1, -1, -1):
+        out[d] = acc
+        acc *= shape[d]
+    return out
+
+
+def _contiguous_start(full: tuple, shape: tuple, offset: tuple) -> int | None:
+    """Element offset of the box in the row-major full tensor if the box is one contiguous run."""
+    if _numel(shape) == 0:
+        return 0
+    st = _strides(full)
+    d = next((i for i in range(len(full)) if shape[i] != full[i]), len(full))
+    if any(shape[i] != 1 for i in range(d)) or any(shape[i] != full[i] for i in range(d + 1, len(full))):
+        return None
+    return sum(o * s for o, s in zip(offset, st))
+
+
+class _LazySlice:
+    """A box of a full source tensor that is not contiguous in it: materialized when packed."""
+
+    def __init__(self, full: Callable[[], torch.Tensor], shape: tuple, offset: tuple, dtype: torch.dtype):
+        self.full, self.shape, self.offset, self.dtype = full, shape, offset, dtype
+
+    def is_contiguous(self) -> bool:
+        return False
+
+    def __call__(self) -> torch.Tensor:
+        t = self.full()
+        for d, (o, n) in enumerate(zip(self.offset, self.shape)):
+            t = t.narrow(d, o, n)
+        return t
+
+
+def _loader(source, read_threads: int) -> Callable[[], torch.Tensor]:
+    cache: list = []
+
+    def load() -> torch.Tensor:
+        if not cache:
+            from .fill import read_file_tensor
+
+            cache.append(read_file_tensor(source, num_threads=read_threads)
+                         if isinstance(source, FileTensor) else source.detach())
+        return cache[0]
+    return load
+
+
+def local_sources(source, e: Entry, geo: Geometry, *, read_threads: int = 4) -> list:
+    """Per group rank: where its local shard's values come from (a FileTensor range, a tensor view,
+    or a lazily sliced copy for boxes that are not contiguous in the full tensor)."""
+    out, load = [], None
+    for shape, offset in geo.boxes:
+        start = _contiguous_start(e.shape, shape, offset)
+        if start is not None and isinstance(source, FileTensor):
+            item = source.dtype.itemsize
+            out.append(FileTensor(source.path, source.offset + start * item, _numel(shape) * item,
+                                  source.dtype, shape))
+        elif start is not None and source.is_contiguous():
+            out.append(source.detach().reshape(-1)[start:start + _numel(shape)].view(shape))
+        else:
+            load = load or _loader(source, read_threads)
+            out.append(_LazySlice(load, shape, offset, source.dtype))
+    return out
+
+
+def slot_entries(entries: list[Entry], geos: list[Geometry]) -> list[Entry]:
+    """One virtual 1-D entry per sharded entry: the slot every rank has for it."""
+    return [Entry([e.names[0]], e.kind, True, e.dtype, (g.slot_numel,), e.requires_grad, "slot", None)
+            for e, g in zip(entries, geos)]
+
+
+def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, is_src: bool,
+                 packers: list | None, src: int, group, device: torch.device, sends) -> None:
+    """Fill bucket k's `target(a, b)` on every rank with its own bytes of [a, b) (one scatter each).
+
+    On src, `packers[i]` writes group rank i's bytes; every rank's piece is packed into one of two
+    reused staging buffers (`world` pieces each), so packing bucket k+1 overlaps scattering bucket k.
+    """
+    world = dist.get_world_size(group)
+    biggest = max((b - a for a, b in layout.buckets), default=0)
+    cuda = device.type == "cuda"
+    stages: list = [None, None]
+    pinned: list = [None, None]
+    copied: list = [None, None]  # CUDA: the event after the host->device copy out of each pinned buffer
+    used: list = [None, None]  # the scatter that last read each staging buffer
+    for k, (a, b) in enumerate(layout.buckets):
+        out = target(a, b)
+        pieces = None
+        if is_src:
+            slot = k % 2
+            if used[slot] is not None:
+                sends.wait(used[slot])
+            if copied[slot] is not None:
+                copied[slot].synchronize()
+            if stages[slot] is None:
+                stages[slot] = ops.alloc(world * biggest, device)
+                if cuda:
+                    pinned[slot] = ops.alloc(world * biggest, "cpu", pin_memory=True)
+            host = pinned[slot] if cuda else stages[slot]
+            if sends.error is None:
+                try:
+                    for i, packer in enumerate(packers):
+                        packer.pack(a, b, host[i * biggest:i * biggest + b - a])
+                    if cuda:
+                        stages[slot].copy_(host, non_blocking=True)
+                        copied[slot] = torch.cuda.Event()
+                        copied[slot].record()
+                except Exception as e:  # noqa: BLE001  src keeps sending; every rank raises it in finish()
+                    sends.fail(k, e)
+            pieces = [stages[slot][i * biggest:i * biggest + b - a] for i in range(world)]
+        sent = sends.send(k, out, scatter_list=pieces)
+        if is_src:
+            used[k % 2] = sent
+    sends.finish()
+    if cuda:
+        torch.cuda.current_stream(device).synchronize()
+
+
+def zero_padding(views: list[torch.Tensor], entries: list[Entry], geos: list[Geometry], me: int) -> None:
+    """FSDP2 pads a shard with zeros: clear each slot's bytes past this rank's local shard."""
+    for v, e, g in zip(views, entries, geos):
+        n = _numel(g.boxes[me][0])
+        if n < g.slot_numel:
+            v[n:].zero_()
+
+
+def _fsdp_params(module: nn.Module) -> dict[int, object]:
+    """id(sharded parameter) -> its FSDPParam, for every FSDP2 state under `module`."""
+    out: dict[int, object] = {}
+    for m in module.modules():
+        get = getattr(m, "_get_fsdp_state", None)
+        if get is None:
+            continue
+        state = get()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            one = getattr(state, "_fsdp_param_group", None)
+            groups = [one] if one is not None else []
+        for g in groups:
+            for fp in g.fsdp_params:
+                out[id(fp.sharded_param)] = fp
+    return out
+
+
+def install_shards(module: nn.Module, entries: list[Entry], slots: list[torch.Tensor],
+                   geos: list[Geometry], me: int) -> None:
+    """Swap in DTensor parameters over the local views; FSDP2 keeps the padded slot as its storage."""
+    from torch.distributed.tensor import DTensor
+
+    fsdp = _fsdp_params(module)
+    for e, slot, g in zip(entries, slots, geos):
+        old = e.tensor
+        shape = g.boxes[me][0]
+        local = slot[:_numel(shape)].view(shape)
+        dt = DTensor.from_local(local, old.device_mesh, old.placements, run_check=False,
+                                shape=old.shape, stride=old.stride())
+        new = nn.Parameter(dt, requires_grad=e.requires_grad) if e.kind == "param" else dt
+        for k, val in getattr(old, "__dict__", {}).items():
+            new.__dict__.setdefault(k, val)
+        for mod, attr in e.owners:
+            (mod._parameters if e.kind == "param" else mod._buffers)[attr] = new
+        fp = fsdp.get(id(old))
+        if fp is not None:
+            if _numel(fp.padded_sharded_param_size) != slot.numel():
+                raise RuntimeError(f"fsdp_fastload: FSDP2 pads '{e.names[0]}' to "
+                                   f"{tuple(fp.padded_sharded_param_size)} but its slot holds {slot.numel()} "
+                                   "elements; please report this with your torch version.")
+            fp._sharded_param_data = slot.view(-1)  # the padded shard: same storage, so no re-pad copy
+            fp.sharded_param = new
+            fp.reset_sharded_param()
+
+
+def _piece(source) -> torch.Tensor:
+    """The values of one per-rank source (see `local_sources`) as a tensor."""
+    from .fill import read_file_tensor
+
+    if isinstance(source, FileTensor):
+        return read_file_tensor(source)
+    if isinstance(source, _LazySlice):
+        return source()
+    return source
+
+
+def verify_shards(entries: list[Entry], slots: list[torch.Tensor], geos: list[Geometry], per_rank: list | None,
+                  *, group, src: int, rank: int, comm_device: torch.device) -> None:
+    """`verify=True` for shards: every rank's local shard checksum against what src computes from its
+    source for that rank (src reads each piece once more); every rank raises naming any mismatch."""
+    from .agree import MaterializeError
+    from .verify import checksum
+
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    me = ranks.index(rank)
+    mine = torch.tensor([checksum(s[:_numel(g.boxes[me][0])]) for s, g in zip(slots, geos)], dtype=torch.int64,
+                        device=comm_device)
+    gathered = [torch.empty_like(mine) for _ in ranks]
+    dist.all_gather(gathered, mine, group=group)
+    bad: list = []
+    if rank == src:
+        for i, e in enumerate(entries):
+            for r_i, r in enumerate(ranks):
+                want = checksum(_piece(per_rank[i][r_i]).to(e.dtype).contiguous())
+                if int(gathered[r_i][i]) != want:
+                    bad.append(f"'{e.names[0]}' shard on rank {r}")
+    box = [bad]
+    dist.broadcast_object_list(box, src=src, group=group)
+    if box[0]:
+        raise MaterializeError(
+            f"fsdp_fastload.materialize verify failed on all ranks (this is rank {rank}): {len(box[0])} "
+            f"local shard(s) differ from what rank {src}'s source holds: {', '.join(box[0][:10])}"
+            f"{' ...' if len(box[0]) > 10 else ''}. The scatter delivered different bytes; check the "
+            "network/NCCL setup and report this as a bug.")

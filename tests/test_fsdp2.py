@@ -1,0 +1,241 @@
+"""FSDP2 (`fully_shard` on a CPU gloo mesh): every rank allocates and receives only its own shards.
+
+Every rank builds the model on `meta` and shards it; rank 0 passes the full state (a checkpoint
+directory, a sharded checkpoint, or a mapping). Afterwards each parameter's `full_tensor()` equals
+single-process `from_pretrained` bit for bit, each rank's local shard is exactly its `torch.chunk`
+piece (padding zeroed), buffers are replicated, ties hold, and the sharded forward gives the
+reference logits bit for bit.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from dist_harness import run_ranks
+
+
+def _mesh(world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (world,))
+
+
+def shard_model(model: nn.Module, mesh) -> nn.Module:
+    """fully_shard every block of every ModuleList, then the root (torchtitan's recipe)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for m in list(model.modules()):
+        if isinstance(m, nn.ModuleList):
+            for block in m:
+                fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _tensors(model):
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return out
+
+
+def compare_sharded(model, ref, rank, world, *, forward=None) -> list[str]:
+    """Differences between the sharded `model` and the single-process `ref` (collective)."""
+    from torch.distributed.tensor import DTensor
+
+    bad = []
+    got, want = _tensors(model), _tensors(ref)
+    if set(got) != set(want):
+        return [f"names differ: {sorted(set(got) ^ set(want))[:5]}"]
+    storages = set()
+    for n in sorted(got):
+        g, w = got[n], want[n]
+        if isinstance(g, DTensor):
+            local = g._local_tensor
+            storages.add((local.untyped_storage().data_ptr(), local.untyped_storage().nbytes()))
+            if local.is_meta or local.device.type != "cpu":
+                bad.append(f"{n}: local shard on {local.device}")
+                continue
+            chunks = torch.chunk(w, world, dim=0)
+            expect = chunks[rank] if rank < len(chunks) else w[w.shape[0]:]
+            if local.dtype != w.dtype or not torch.equal(local, expect):
+                bad.append(f"{n}: local shard is not rank {rank}'s chunk")
+            full = g.full_tensor()
+            if not torch.equal(full, w):
+                bad.append(f"{n}: full_tensor() differs")
+        elif g.is_meta or not torch.equal(g, w) or g.dtype != w.dtype:
+            bad.append(f"{n}: replicated tensor differs")
+        if isinstance(w, nn.Parameter) and (not isinstance(g, nn.Parameter) or g.requires_grad != w.requires_grad):
+            bad.append(f"{n}: not an nn.Parameter with requires_grad={w.requires_grad}")
+    groups = {}
+    for n, t in got.items():
+        groups.setdefault(id(t), set()).add(n)
+    ref_groups = {}
+    for n, t in want.items():
+        ref_groups.setdefault(id(t), set()).add(n)
+    if {frozenset(v) for v in groups.values()} != {frozenset(v) for v in ref_groups.values()}:
+        bad.append("tie groups differ")
+    # FSDP2's own view: the padded shard it all-gathers is our storage, its tail zeroed.
+    from fsdp_fastload.shard import _fsdp_params
+
+    for fp in _fsdp_params(model).values():
+        data = fp._sharded_param_data
+        n_local = fp.sharded_param._local_tensor.numel()
+        if data.untyped_storage().data_ptr() != fp.sharded_param._local_tensor.untyped_storage().data_ptr():
+            bad.append(f"{fp._param_fqn or fp._module_info.param_name}: FSDP2 padded shard is a copy")
+        elif n_local < data.numel() and bool(data[n_local:].ne(0).any()):
+            bad.append(f"{fp._module_info.param_name}: padding not zero")
+    if len(storages) > 1:
+        bad.append(f"local shards live in {len(storages)} storages, expected one flat buffer")
+    if forward is not None and not bad:
+        a, b = forward(model), forward(ref)
+        if not torch.equal(a, b):
+            bad.append("forward outputs (logits) differ")
+    return bad
+
+
+def _hf_fsdp2_worker(rank, world, cases, source_kind):
+    from fsdp_fastload import materialize
+
+    mesh = _mesh(world)
+    out = {}
+    for name, (path, dtype) in cases.items():
+        model = shard_model(models.build_meta(path, dtype=dtype), mesh)
+        ref = models.load_reference(path, dtype=dtype)
+        if rank != 0:
+            sd = None
+        elif source_kind == "mapping":
+            sd = dict(ref.state_dict())
+        else:
+            sd = path
+        materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
+        out[name] = compare_sharded(model, ref, rank, world,
+                                    forward=lambda m: models.logits(m, models.example_inputs(m)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("fsdp2"))
+    names = ("llama", "qwen2_tied", "gemma3_bf16", "bert_mlm", "llama_bf16")
+    out = {n: models.make_checkpoint(n, root) for n in names}
+    out["llama-sharded"] = models.make_checkpoint("llama", root, shard=True)
+    return out
+
+
+@pytest.mark.parametrize("world,source_kind", [(2, "dir"), (3, "dir"), (2, "mapping")])
+def test_transformers_fsdp2_bit_exact(ckpts, world, source_kind):
+    cases = {n: (ckpts[n], None) for n in ("llama", "qwen2_tied", "gemma3_bf16", "bert_mlm")}
+    if world == 3:
+        cases = {n: cases[n] for n in ("qwen2_tied", "gemma3_bf16")}
+        cases["llama-sharded"] = (ckpts["llama-sharded"], None)
+    for rank, res in enumerate(run_ranks(_hf_fsdp2_worker, world, cases, source_kind, timeout=300)):
+        for name, bad in res.items():
+            assert bad == [], f"rank {rank} {name}: {bad}"
+
+
+def test_fsdp2_bf16_checkpoint_into_fp32_params(ckpts):
+    # FSDP2 keeps fp32 master weights: the bf16 checkpoint is sent as bf16 and upcast on arrival.
+    cases = {"llama_bf16": (ckpts["llama_bf16"], torch.float32)}
+    for rank, res in enumerate(run_ranks(_hf_fsdp2_worker, 2, cases, "dir")):
+        assert res["llama_bf16"] == [], f"rank {rank}: {res['llama_bf16']}"
+
+
+class UnevenNet(nn.Module):
+    """Uneven shards, a dimension smaller than the world, persistent BatchNorm stats, an int buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(7, 5), nn.Linear(5, 7)])
+        self.tiny = nn.Parameter(torch.zeros(2, 3))  # 2 rows over 3 ranks: one rank holds nothing
+        self.norm = nn.BatchNorm1d(7)
+        self.frozen = nn.Parameter(torch.zeros(11, 2), requires_grad=False)
+        self.register_buffer("steps", torch.zeros(3, dtype=torch.int64))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.norm(x).sum() + self.tiny.sum() + self.frozen.sum() + self.steps.sum()
+
+
+def _uneven(device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.device(device):
+        m = UnevenNet()
+    if device != "meta":
+        with torch.no_grad():
+            for t in list(m.parameters()) + [m.norm.running_mean, m.norm.running_var]:
+                t.copy_(torch.randn(t.shape, generator=g))
+            m.norm.running_var.abs_().add_(0.5)  # a variance: positive, or the forward is NaN
+            m.steps.copy_(torch.tensor([3, 1, 4]))
+            m.norm.num_batches_tracked.fill_(9)
+    return m.eval()
+
+
+def _plain_worker(rank, world, bucket_size):
+    from fsdp_fastload import materialize
+
+    model = shard_model(_uneven("meta"), _mesh(world))
+    ref = _uneven("cpu")
+    materialize(model, "cpu", state_dict=dict(ref.state_dict()) if rank == 0 else None, poison=True,
+                verify=True, bucket_size=bucket_size)
+    return compare_sharded(model, ref, rank, world, forward=lambda m: m(torch.ones(4, 7)).detach())
+
+
+@pytest.mark.parametrize("world,bucket_size", [(2, None), (3, None), (3, 64)])
+def test_uneven_and_empty_shards(world, bucket_size):
+    assert run_ranks(_plain_worker, world, bucket_size) == [[]] * world
+
+
+def _train_worker(rank, world, path):
+    """A few optimizer steps on the sharded model give the same loss as single-process training."""
+    from fsdp_fastload import materialize
+
+    model = shard_model(models.build_meta(path, dtype=torch.float32), _mesh(world))
+    materialize(model, "cpu", state_dict=path if rank == 0 else None)
+    model.train()
+    inputs = models.example_inputs(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for _ in range(3):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_fsdp2_training_steps_match_single_process(ckpts):
+    path = ckpts["llama"]
+    ref = models.load_reference(path, dtype=torch.float32).train()
+    inputs = models.example_inputs(ref)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    want = []
+    for _ in range(3):
+        loss = ref(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        want.append(loss.item())
+    for rank, got in enumerate(run_ranks(_train_worker, 2, path)):
+        assert got[0] == want[0], f"rank {rank}: first loss {got[0]} != {want[0]}"
+        assert got == pytest.approx(want, rel=1e-5), f"rank {rank}: {got} vs {want}"
+
+
+def _src_model_worker(rank, world):
+    from fsdp_fastload import MaterializeError, materialize
+
+    model = shard_model(_uneven("meta"), _mesh(world))
+    try:
+        materialize(model, "cpu")
+    except MaterializeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_sharded_model_without_state_dict_raises_on_every_rank():
+    for rank, msg in enumerate(run_ranks(_src_model_worker, 2)):
+        assert "rank 0:" in msg and "DTensor" in msg and "state_dict=" in msg, msg
+        assert f"this is rank {rank}" in msg
