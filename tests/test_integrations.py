@@ -1,0 +1,316 @@
+"""Training frameworks on real gloo ranks: accelerate's FSDP2 path (`integrations.accelerate.enable()`),
+DDP (`init_sync=False`) and FSDP1 (`sync_module_states=False`) after `materialize`.
+
+Every run starts from a tiny transformers checkpoint: rank 0 loads it with `from_pretrained`, the
+other ranks build the architecture on `meta`. The reference is the same training steps in a single
+process without any wrapper (also spawned, so threads and allocator settings match the ranks).
+
+Why the loss curves are compared bit for bit: every rank trains on the same batch, the world is 2,
+and the gradient average of two identical fp32 gradients is exact ((g + g) / 2 and g / 2 + g / 2
+are both g: scaling by a power of two does not round). The forward/backward runs the same kernels on
+the same shapes as the single process (FSDP all-gathers the exact parameters), and the optimizer
+update is elementwise, so a shard is updated exactly as its slice of the full tensor. A loss that
+differs in the last bit therefore means a wrong value, not noise. (With a world that is not a power
+of two, or bf16 gradient reduction, only the first loss would stay exact.)
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from dist_harness import run_ranks
+
+STEPS = 3
+_LAYER = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer"}  # by ModelSpec.family
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("integrations"))
+    return {n: models.make_checkpoint(n, root) for n in ("llama", "qwen2_tied", "llama_bf16")}
+
+
+def _optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def _train(model, inputs, opt, backward=None, steps=STEPS) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        (backward or (lambda t: t.backward()))(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _single_worker(rank, world, path, dtype):
+    """The reference: plain single-process training (world 1, no wrapper)."""
+    model = models.load_reference(path, dtype=dtype).train()
+    return _train(model, models.example_inputs(model), _optimizer(model.parameters()))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_losses(path, dtype=torch.float32):
+    return run_ranks(_single_worker, 1, path, dtype)[0]
+
+
+def _load(rank, path, dtype=None, *, every_rank=False):
+    """Rank 0 (or every rank with every_rank=True) loads the checkpoint; the others build on meta."""
+    if rank == 0 or every_rank:
+        return models.load_reference(path, dtype=dtype).train()
+    return models.build_meta(path, dtype=dtype).train()
+
+
+def _tensors(model):
+    """name -> tensor, under the names of the unwrapped model (activation checkpointing wraps layers)."""
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return {n.replace("_checkpoint_wrapped_module.", ""): t for n, t in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# accelerate (FSDP2, cpu_ram_efficient_loading)
+# ------------------------------------------------------------------------------------------------
+
+
+def _accelerator(mixed_precision: str, layer_cls: str, cpu_offload: bool, activation_checkpointing: bool):
+    """accelerate picks DistributedType.FSDP only for GPU-like devices: force it on CPU ranks."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    acc = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    state = AcceleratorState()
+    state.distributed_type = DistributedType.FSDP
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, cpu_ram_efficient_loading=True, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=[layer_cls], activation_checkpointing=activation_checkpointing,
+        cpu_offload=CPUOffloadPolicy(pin_memory=False) if cpu_offload else False)  # no pinning without CUDA
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision, override=True)
+    state.fsdp_plugin = plugin
+    return acc
+
+
+def _fsdp_groups_holding(model, p) -> int:
+    """How many FSDP2 parameter groups manage the parameter object `p`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    states, n = {}, 0
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            s = m._get_fsdp_state()
+            states[id(s)] = s
+    for s in states.values():
+        for g in s._fsdp_param_groups:
+            n += sum(fp.sharded_param is p for fp in g.fsdp_params)
+    return n
+
+
+def _check_prepared(model, opt, ref, *, param_dtype) -> list[str]:
+    """Differences between the prepared (sharded) model and the checkpoint (collective: full_tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    bad = []
+    got, want = _tensors(model), _tensors(ref)
+    if set(got) != set(want):
+        return [f"names differ: {sorted(set(got) ^ set(want))[:5]}"]
+    for name in sorted(got):
+        g, w = got[name], want[name]
+        if isinstance(w, nn.Parameter):
+            if not (isinstance(g, DTensor) and isinstance(g, nn.Parameter)):
+                bad.append(f"{name}: {type(g).__name__}, not a DTensor nn.Parameter")
+                continue
+            local = g.to_local()
+            if local.is_meta or local.device.type != "cpu":
+                bad.append(f"{name}: local shard on {local.device}")
+            full = g.full_tensor()
+            if full.dtype != param_dtype or not torch.equal(full, w.to(param_dtype)):
+                bad.append(f"{name}: full_tensor() is not the checkpoint's value ({full.dtype})")
+            if g.requires_grad != w.requires_grad:
+                bad.append(f"{name}: requires_grad {g.requires_grad}")
+        elif g.is_meta or g.dtype != w.dtype or not torch.equal(g, w):
+            bad.append(f"{name}: buffer differs from the checkpoint's / from_pretrained's")
+    # ties: the same groups of names share one object, and a tied parameter is in one FSDP group
+    groups, ref_groups = {}, {}
+    for n, t in got.items():
+        groups.setdefault(id(t), set()).add(n)
+    for n, t in want.items():
+        ref_groups.setdefault(id(t), set()).add(n)
+    if {frozenset(v) for v in groups.values()} != {frozenset(v) for v in ref_groups.values()}:
+        bad.append("tie groups differ")
+    for names in ref_groups.values():
+        if len(names) > 1:
+            p = got[sorted(names)[0]]
+            if (k := _fsdp_groups_holding(model, p)) != 1:
+                bad.append(f"tied {sorted(names)} is managed by {k} FSDP groups, expected 1")
+    if any("data_ptr" in p.__dict__ for p in model.parameters()):
+        bad.append("a parameter kept enable()'s data_ptr stand-in after prepare")
+    # the optimizer holds exactly the model's (sharded) parameters, each once
+    in_opt = [p for g in opt.optimizer.param_groups for p in g["params"]]
+    if len({id(p) for p in in_opt}) != len(in_opt) or {id(p) for p in in_opt} != {id(p) for p in model.parameters()}:
+        bad.append(f"optimizer holds {len({id(p) for p in in_opt})} distinct of {len(in_opt)} slots; "
+                   f"the model has {len(list(model.parameters()))} parameters")
+    return bad
+
+
+def _accelerate_worker(rank, world, path, flow, mixed_precision="no", cpu_offload=False,
+                       activation_checkpointing=False):
+    import fsdp_fastload.integrations.accelerate as fastload_accelerate
+
+    acc = _accelerator(mixed_precision, _LAYER[models.spec_for(path).family], cpu_offload,
+                       activation_checkpointing)
+    # "fastload": enable(), ranks != 0 build the model on meta. "stock": accelerate's own loader, which
+    # needs real values on every rank; "fastload_loaded": enable() with real values on every rank (what
+    # transformers 5.24's cpu-ram-efficient from_pretrained gives, see models.build_seed_flow)
+    if flow.startswith("fastload"):
+        fastload_accelerate.enable()
+    model = _load(rank, path, every_rank=flow in ("stock", "fastload_loaded"))
+    ref = models.load_reference(path)
+    opt = _optimizer(model.parameters())
+    model, opt = acc.prepare(model, opt)
+    from fsdp_fastload import api
+
+    loaded = api.last_stats.get("tensors")  # the loader's materialize call (None: not called)
+    unique = len({id(t) for t in _tensors(model).values()})
+    param_dtype = torch.float32 if mixed_precision != "no" else models.spec_for(path).dtype
+    bad = _check_prepared(model, opt, ref, param_dtype=param_dtype)
+    losses = _train(model, models.example_inputs(ref), opt, backward=acc.backward)
+    fastload_accelerate.disable()
+    wrapped = any(n.endswith("_checkpoint_wrapped_module") for n, _ in model.named_modules())
+    return {"bad": bad, "losses": losses, "materialized": (loaded, unique), "checkpointed": wrapped}
+
+
+@pytest.mark.parametrize("case,activation_checkpointing", [("llama", False), ("qwen2_tied", True)])
+def test_accelerate_fsdp2_enable_matches_single_process(ckpts, case, activation_checkpointing):
+    """enable(), then accelerate's real `prepare(model, optimizer)` on 2 ranks (rank 1 on meta):
+    every full_tensor() is the checkpoint's, buffers and ties are right, the optimizer holds each
+    sharded parameter once, and the loss curve is the single process's, bit for bit (activation
+    checkpointing recomputes the same values, and renames the layers' tensors in the module tree)."""
+    path = ckpts[case]
+    want = _reference_losses(path)
+    for rank, res in enumerate(run_ranks(_accelerate_worker, 2, path, "fastload", "no", False,
+                                         activation_checkpointing, timeout=300)):
+        assert res["bad"] == [], f"rank {rank}: {res['bad']}"
+        assert res["checkpointed"] == activation_checkpointing
+        loaded, unique = res["materialized"]
+        assert loaded == unique, f"rank {rank}: materialize loaded {loaded} of {unique} tensors"
+        assert res["losses"][0] == want[0], f"rank {rank}: first loss {res['losses'][0]} != {want[0]}"
+        assert res["losses"] == want, f"rank {rank}: {res['losses']} != {want}"
+
+
+def test_accelerate_mixed_precision_and_cpu_offload_match_accelerates_own_loader(ckpts):
+    """bf16 checkpoint, mixed_precision="bf16" (accelerate upcasts the trainable parameters to fp32
+    before capturing the full state dict) and CPU offload: enable() with rank 1 on meta gives what
+    accelerate's own loader gives with the checkpoint loaded on every rank, bit for bit. So does
+    enable() when every rank loaded the checkpoint (HF Trainer under transformers 5.24)."""
+    path = ckpts["llama_bf16"]
+    stock = run_ranks(_accelerate_worker, 2, path, "stock", "bf16", True, timeout=300)
+    for rank in range(2):
+        assert stock[rank]["bad"] == [], f"accelerate's own loader, rank {rank}: {stock[rank]['bad']}"
+        assert stock[rank]["materialized"][0] is None  # accelerate's own loader, no materialize
+    for flow in ("fastload", "fastload_loaded"):
+        ours = run_ranks(_accelerate_worker, 2, path, flow, "bf16", True, timeout=300)
+        for rank in range(2):
+            assert ours[rank]["bad"] == [], f"{flow} rank {rank}: {ours[rank]['bad']}"
+            assert ours[rank]["materialized"][0] == ours[rank]["materialized"][1], flow
+            assert ours[rank]["losses"] == stock[rank]["losses"], \
+                f"{flow} rank {rank}: {ours[rank]['losses']} vs {stock[rank]['losses']}"
+
+
+def test_enable_disable_patch_and_restore_accelerate():
+    import accelerate.accelerator as acc_mod
+    import accelerate.utils as acc_utils
+    from accelerate.utils import fsdp_utils
+
+    import fsdp_fastload.integrations.accelerate as fa
+
+    names = [(fsdp_utils, "fsdp2_load_full_state_dict"), (acc_utils, "fsdp2_load_full_state_dict"),
+             (fsdp_utils, "fsdp2_prepare_model"), (acc_utils, "fsdp2_prepare_model"),
+             (acc_mod, "fsdp2_prepare_model"), (acc_mod.Accelerator, "_prepare_fsdp2")]
+    before = [getattr(ns, a) for ns, a in names]
+    try:
+        fa.enable()
+        fa.enable()  # idempotent: the originals stay accelerate's
+        assert fa.is_enabled()
+        after = [getattr(ns, a) for ns, a in names]
+        assert all(x is not y for x, y in zip(after, before))
+        assert fsdp_utils.fsdp2_load_full_state_dict is fa.load_full_state_dict
+        assert acc_mod.fsdp2_prepare_model is fa.prepare_model
+    finally:
+        fa.disable()
+    fa.disable()
+    assert not fa.is_enabled()
+    assert all(getattr(ns, a) is b for (ns, a), b in zip(names, before))
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP and FSDP1: materialize the full model, then wrap without the wrapper's own rank-0 broadcast
+# ------------------------------------------------------------------------------------------------
+
+
+def _same_on_every_rank(tensors) -> bool:
+    import torch.distributed as dist
+
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _ddp_worker(rank, world, path):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fsdp_fastload import materialize
+
+    model = _load(rank, path, torch.float32)
+    materialize(model, "cpu")  # src-model flow: rank 0's loaded model onto every rank
+    ddp = DDP(model, init_sync=False)  # every rank already holds rank 0's values: no re-broadcast
+    losses = _train(ddp, models.example_inputs(model), _optimizer(ddp.parameters()))
+    return {"losses": losses, "same": _same_on_every_rank(model.parameters()),
+            "tied": model.lm_head.weight is model.model.embed_tokens.weight}
+
+
+@pytest.mark.parametrize("case", ["qwen2_tied"])
+def test_ddp_init_sync_false_matches_single_process(ckpts, case):
+    path = ckpts[case]
+    want = _reference_losses(path)
+    for rank, res in enumerate(run_ranks(_ddp_worker, 2, path, timeout=300)):
+        assert res["losses"][0] == want[0], f"rank {rank}: first loss {res['losses'][0]} != {want[0]}"
+        assert res["losses"] == want, f"rank {rank}: {res['losses']} != {want}"
+        assert res["same"], f"rank {rank}: parameters differ across ranks after training"
+        assert res["tied"] == models.spec_for(path).tied
+
+
+def _fsdp1_worker(rank, world, path):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from fsdp_fastload import materialize
+
+    model = models.build_meta(path, dtype=torch.float32).train()  # every rank on meta, rank 0 reads the files
+    materialize(model, "cpu", state_dict=path if rank == 0 else None)
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={type(model.model.layers[0])})
+    fsdp = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"), sync_module_states=False,
+                use_orig_params=True)
+    losses = _train(fsdp, models.example_inputs(model), _optimizer(fsdp.parameters()))
+    with FSDP.summon_full_params(fsdp):
+        same = _same_on_every_rank(model.parameters())
+    return {"losses": losses, "same": same}
+
+
+def test_fsdp1_sync_module_states_false_matches_single_process(ckpts):
+    # FSDP1 runs on CPU ranks under gloo (device_id=torch.device("cpu")) in torch 2.13.
+    path = ckpts["llama"]
+    want = _reference_losses(path)
+    for rank, res in enumerate(run_ranks(_fsdp1_worker, 2, path, timeout=300)):
+        assert res["losses"][0] == want[0], f"rank {rank}: first loss {res['losses'][0]} != {want[0]}"
+        assert res["losses"] == want, f"rank {rank}: {res['losses']} != {want}"
+        assert res["same"], f"rank {rank}: full parameters differ across ranks after training"
