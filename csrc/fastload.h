@@ -30,6 +30,11 @@ void poison_(at::Tensor& flat, int64_t value);
 void read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_offsets,
                  at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads);
 
+// Fault the pages of the CPU buffer `flat` in (writable) without writing them, so a receive into
+// it runs at the speed of already-touched memory. Safe while another thread writes into it. False
+// where the kernel lacks MADV_POPULATE_WRITE (then nothing happened) or for non-CPU tensors.
+bool prefault(const at::Tensor& flat);
+
 // Copy byte ranges of several contiguous tensors into the flat uint8 `dst`: range i copies
 // lengths[i] bytes starting at byte src_offsets[i] of srcs[i] to dst bytes dst_offsets[i]...
 // One call per bucket replaces a Python loop of per-tensor copies (memcpy on CPU; ATen copies

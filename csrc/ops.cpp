@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -69,12 +70,24 @@ std::vector<at::Tensor> carve(const at::Tensor& flat, at::IntArrayRef spec) {
     TORCH_CHECK(i + 3 <= n, "fsdp_fastload carve: truncated spec at entry ", out.size());
     const c10::ScalarType dtype = dtype_from_code(ptr[i]);
     const int64_t offset = ptr[i + 1];
-    const int64_t ndim = ptr[i + 2];
-    TORCH_CHECK(ndim >= 0 && i + 3 + 2 * ndim <= n, "fsdp_fastload carve: bad ndim ", ndim,
-                " at entry ", out.size());
+    // ndim >= 0: sizes then strides follow; ndim < 0: a contiguous view of -ndim - 1 dims, sizes only.
+    const bool contiguous = ptr[i + 2] < 0;
+    const int64_t ndim = contiguous ? -ptr[i + 2] - 1 : ptr[i + 2];
+    const int64_t words = contiguous ? ndim : 2 * ndim;
+    TORCH_CHECK(ndim >= 0 && ndim <= 64 && i + 3 + words <= n, "fsdp_fastload carve: bad ndim ",
+                ptr[i + 2], " at entry ", out.size());
     at::IntArrayRef sizes(ptr + i + 3, ndim);
-    at::IntArrayRef strides(ptr + i + 3 + ndim, ndim);
-    i += 3 + 2 * ndim;
+    c10::SmallVector<int64_t, 6> contiguous_strides(ndim);
+    if (contiguous) {
+      int64_t acc = 1;
+      for (int64_t d = ndim - 1; d >= 0; --d) {
+        contiguous_strides[d] = acc;
+        acc *= std::max<int64_t>(sizes[d], 1);
+      }
+    }
+    at::IntArrayRef strides = contiguous ? at::IntArrayRef(contiguous_strides)
+                                         : at::IntArrayRef(ptr + i + 3 + ndim, ndim);
+    i += 3 + words;
     const int64_t itemsize = static_cast<int64_t>(c10::elementSize(dtype));
     TORCH_CHECK(offset >= 0 && offset % itemsize == 0 && (base + offset) % itemsize == 0,
                 "fsdp_fastload carve: view ", out.size(), " (", dtype, ") has byte offset ", offset,
@@ -180,6 +193,25 @@ void read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_
   TORCH_CHECK(!short_read, "fsdp_fastload read_ranges: ", path, " ended early (was it truncated while reading?)");
 }
 
+bool prefault(const at::Tensor& flat) {
+  check_flat(flat, "fsdp_fastload prefault");
+  if (!flat.is_cpu() || flat.numel() == 0) return false;
+  // MADV_POPULATE_WRITE (Linux >= 5.14): fault the pages in writable, as a write would, but
+  // without writing: bytes already stored (by a concurrent receive) are untouched, so this can
+  // run on another thread ahead of the data. Older kernels refuse it: then it is a no-op.
+  constexpr int kPopulateWrite = 23;
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  uintptr_t a = reinterpret_cast<uintptr_t>(flat.const_data_ptr());
+  uintptr_t b = a + static_cast<uintptr_t>(flat.numel());
+  a = (a + page - 1) & ~(page - 1);
+  b &= ~(page - 1);
+  constexpr uintptr_t kChunk = uintptr_t(1) << 20;  // short holds of the mmap lock: allocations go on
+  for (uintptr_t p = a; p < b; p += kChunk) {
+    if (::madvise(reinterpret_cast<void*>(p), std::min(kChunk, b - p), kPopulateWrite) != 0) return false;
+  }
+  return true;
+}
+
 void copy_ranges(at::Tensor& dst, at::TensorList srcs, at::IntArrayRef src_offsets,
                  at::IntArrayRef dst_offsets, at::IntArrayRef lengths) {
   check_flat(dst, "fsdp_fastload copy_ranges");
@@ -225,6 +257,7 @@ TORCH_LIBRARY(fsdp_fastload, m) {
   m.def("alloc(int nbytes, Device device, bool pin_memory=False) -> Tensor");
   m.def("carve(Tensor(a -> *) flat, int[] spec) -> Tensor(a)[]");
   m.def("poison_(Tensor(a!) flat, int value=255) -> ()");
+  m.def("prefault(Tensor flat) -> bool");
   m.def("copy_ranges(Tensor(a!) dst, Tensor[] srcs, int[] src_offsets, int[] dst_offsets, int[] lengths) -> ()");
   m.def("read_ranges(str path, Tensor(a!) dst, int[] file_offsets, int[] dst_offsets, int[] lengths, int num_threads=4) -> ()");
 }
@@ -238,6 +271,7 @@ TORCH_LIBRARY_IMPL(fsdp_fastload, CPU, m) {
   m.impl("poison_", &poison_);
   m.impl("read_ranges", &read_ranges);
   m.impl("copy_ranges", &copy_ranges);
+  m.impl("prefault", &prefault);
 }
 
 // Carving, poisoning and copying need no device code: the same C++ kernels serve CUDA tensors

@@ -18,11 +18,13 @@ class MaterializeError(RuntimeError):
     """Raised on every rank when ranks disagree or a rank cannot take part; names the rank and the fix."""
 
 
-def agree(*, group, src: int, rank: int, comm_device: torch.device, fp: int, summary: list[tuple],
+def agree(*, group, src: int, rank: int, comm_device: torch.device, fp: int, summary,
           error: str | None, extra: int = 0) -> int:
     """Raise MaterializeError on every rank if any rank has an error or a different fingerprint.
 
-    Returns src's `extra` word (how src tells every rank about its plan in the same collective).
+    `summary` is this rank's manifest summary, or a callable giving it: it is only needed, and
+    only made, when something is wrong. Returns src's `extra` word (how src tells every rank about
+    its plan in the same collective).
     """
     world = dist.get_world_size(group)
     mine = torch.tensor([fp, 1 if error else 0, extra], dtype=torch.int64, device=comm_device)
@@ -36,7 +38,8 @@ def agree(*, group, src: int, rank: int, comm_device: torch.device, fp: int, sum
         return rows[src_i][2]
     details: list = [None] * world
     with _peer_errors(rank):
-        dist.all_gather_object(details, (rank, error, summary), group=group)
+        dist.all_gather_object(details, (rank, error, summary() if callable(summary) else summary),
+                               group=group)
     problems = [f"rank {r}: {err}" for r, err, _ in details if err]
     if not problems:
         ref = details[src_i][2]

@@ -18,7 +18,7 @@ from .buffers import POISON, recompute
 from .comm import Broadcasts, pack_all
 from .fill import Packer, broadcast_fill
 from .install import install
-from .layout import Layout, plan
+from .layout import ALIGN, Layout, plan
 from .manifest import Entry, build_manifest, fingerprint, summary
 from .source import CheckpointError, match, open_source
 from .verify import verify as _verify
@@ -34,8 +34,10 @@ _TUNING = {
     "strict": False,  # state_dict: unexpected checkpoint keys are an error (else a warning on src)
     "buffer_init": None,  # callable(module) that sets a module's non-persistent buffers
     "read_threads": 4,  # threads reading safetensors byte ranges on src
+    "prefault": True,  # CPU targets: fault the flat buffer's pages in on a background thread, early
     "timeout": None,  # seconds one wait on a broadcast may block; None: max(60, bytes sent / 50 MB/s)
 }
+PREFAULT_MIN = 64 << 20  # smaller buffers fault in quickly; a thread is not worth it
 _SUPPORTED_CLASSES = ("Parameter", "Tensor", "DTensor")
 
 last_stats: dict = {}  # timings of the most recent call on this rank (for the CLI and benchmarks)
@@ -185,11 +187,22 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         if shd:  # each scatter moves `world` pieces: keep src's staging near a bucket
             shd_layout = plan(shard.slot_entries([entries[i] for i in shd], geos), direct_min=direct_min,
                               bucket_size=max(bucket // len(ranks), 1 << 20), wire=[wire_all[i] for i in shd])
+    fp = fingerprint(entries, (src,)) if distributed else 0
+    # CPU targets: the flat buffer is allocated now and its pages faulted in on a background thread
+    # while this rank waits for src's plan, then ahead of the transfer (receivers size it from their
+    # own manifest; a layout that turns out larger gets a buffer of its own).
+    early = prefaulting = None
+    if (error is None and device.type == "cpu" and opts["prefault"] and not opts["poison"]
+            and (layout is not None or not is_src)):
+        nbytes = (sum(lay.main_total for lay in (layout, shd_layout) if lay is not None) if is_src
+                  else _main_estimate(entries, rep, shd, geos))
+        early = ops.alloc(nbytes, device)
+        if nbytes >= PREFAULT_MIN:
+            prefaulting = ops.Prefault(early)
     if distributed:
         encoded = _encode(layout, shd_layout)
-        summ = summary(entries)
         n = agree(group=group, src=src, rank=rank, comm_device=comm_device,
-                  fp=fingerprint(summ, (src,)), summary=summ, error=error,
+                  fp=fp, summary=lambda: summary(entries), error=error,
                   extra=len(encoded))
         # src's layout reaches every rank in one small broadcast: receivers never guess it.
         shipped = torch.tensor(encoded, dtype=torch.int64) if is_src else torch.empty(n, dtype=torch.int64)
@@ -204,7 +217,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                 progress=opts["progress"], timeout=timeout)
 
     # 2-3. layout, one allocation (plus a wire buffer for dtype-converted tensors), all views.
-    if is_src and src_plan is None and not shd and all(_kept_in_place(e, device) for e in entries):
+    if is_src and src_plan is None and not shd and _all_kept_in_place(entries, device):
         # src's tensors already live on `device`: it sends from them and keeps them (no copy at all).
         t_alloc = time.perf_counter()
         if distributed:
@@ -224,7 +237,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         parts.append((shd_layout, shard.slot_entries([entries[i] for i in shd], geos)))
     main_sizes = [lay.main_total for lay, _ in parts]
     wire_sizes = [lay.wire_total - lay.direct for lay, _ in parts]
-    main = ops.alloc(sum(main_sizes), device)
+    main = (early[:sum(main_sizes)] if early is not None and early.numel() >= sum(main_sizes)
+            else ops.alloc(sum(main_sizes), device))
     wirebuf = ops.alloc(sum(wire_sizes), device)
     if opts["poison"]:
         ops.poison_(main)
@@ -267,6 +281,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         for v, w in pairs:
             v.copy_(w)  # "send bf16, upcast after": the module's dtype wins
     del conversions, wirebuf
+    if prefaulting is not None:
+        prefaulting.join()
     me = ranks.index(rank)
     if shd:
         shard.zero_padding(part_views[1], [entries[i] for i in shd], geos, me)
@@ -301,6 +317,15 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     return module
 
 
+def _main_estimate(entries: list[Entry], rep: list[int], shd: list[int], geos: list) -> int:
+    """A receiver's guess of src's flat buffer size: every tensor (a shard's slot) aligned, plus a
+    little for gaps src keeps inside runs of back-to-back tensors."""
+    a = ALIGN - 1
+    n = sum((entries[i].nbytes + a) & ~a for i in rep)
+    n += sum((g.slot_numel * entries[i].dtype.itemsize + a) & ~a for i, g in zip(shd, geos))
+    return n + n // 64 + (1 << 16)
+
+
 def _target(main: torch.Tensor, wirebuf: torch.Tensor, direct: int):
     """Where the bytes [a, b) of a layout's wire space land: final storage, or the wire buffer."""
     def target(a: int, b: int) -> torch.Tensor:
@@ -330,10 +355,12 @@ def _auto_bucket(total: int) -> int:
     return size
 
 
-def _kept_in_place(e: Entry, device: torch.device) -> bool:
-    t = e.tensor
-    return (not t.is_meta and t.device == device and t.is_contiguous()
-            and type(t) in (torch.Tensor, nn.Parameter))
+def _all_kept_in_place(entries: list[Entry], device: torch.device) -> bool:
+    """Whether src's own tensors are all plain, contiguous and already on `device`."""
+    plain = (torch.Tensor, nn.Parameter)
+    if device.type == "cpu":
+        return all(type(t) in plain and t.is_cpu and t.is_contiguous() for t in [e.tensor for e in entries])
+    return all(type(t) in plain and t.device == device and t.is_contiguous() for t in [e.tensor for e in entries])
 
 
 def _resolve_device(device, backend: str) -> torch.device:

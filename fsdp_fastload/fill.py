@@ -36,90 +36,159 @@ def read_file_tensor(ft: FileTensor, *, num_threads: int = 4) -> torch.Tensor:
     return raw.view(ft.dtype).reshape(ft.shape)
 
 
+_FILE, _MEM, _CONV = 0, 1, 2
+
+
 class Packer:
     """Writes the wire bytes of a byte range [a, b) into a destination, from tensors or files.
 
     Each sent entry is one span of the wire space with one source: a byte range of a safetensors
     file already in its wire dtype (read straight into the destination: zero-copy on CPU targets),
     a contiguous tensor in its wire dtype, or a tensor/file that src converts first (cached until
-    its last byte is packed). A bucket costs one `copy_ranges` call for its memory pieces and one
-    `read_ranges` call per file (back-to-back file pieces merged), never a Python loop of copies.
+    its last byte is packed). Consecutive spans whose source bytes sit at the same distance from
+    their wire offsets (one storage, one file: a run of the layout) form one piece: a bucket inside
+    one piece is one `read_ranges` range, or one copy (or no copy at all: `direct_view`). Other
+    buckets cost one `copy_ranges` call for their memory pieces and one `read_ranges` call per file,
+    their arguments sliced out of per-span lists, never a Python loop of copies.
     """
 
     def __init__(self, sources: list, layout: Layout, *, read_threads: int = 4):
         self.read_threads = read_threads
-        spans = sorted((layout.wire[i], i) for i, s in enumerate(sources) if layout.wire[i] >= 0 and _numel(s))
-        self.starts = [w for w, _ in spans]
-        self.ends: list[int] = []
-        self.pieces: list[tuple] = []  # per span: (kind, object, byte offset of its first wire byte)
+        wire_off, wire_dtype = layout.wire, layout.wire_dtype
+        spans = [(wire_off[i], i) for i in range(len(sources)) if wire_off[i] >= 0 and sources[i] is not None]
+        spans.sort()
+        starts, ends, kinds, objs, offs, runs = [], [], [], [], [], []
+        run, prev = -1, None
         for w, i in spans:
-            src, wire = sources[i], layout.wire_dtype[i]
-            self.ends.append(w + _numel(src) * wire.itemsize)
-            if isinstance(src, FileTensor):
-                self.pieces.append(("file", src.path, src.offset) if src.dtype == wire else ("conv", src, wire))
-            elif src.dtype == wire and src.is_contiguous():
-                self.pieces.append(("mem", src, 0))
-            else:
-                self.pieces.append(("conv", src, wire))
+            src, wire = sources[i], wire_dtype[i]
+            if isinstance(src, torch.Tensor):
+                numel = src.numel()
+                if src.dtype == wire and src.is_contiguous():
+                    addr = src.data_ptr()
+                    kind, obj, off, key = _MEM, src, 0, (_MEM, src.get_device(),
+                                                         addr - src.storage_offset() * src.element_size(),
+                                                         addr - w)
+                else:
+                    kind, obj, off, key = _CONV, src, wire, None
+            elif isinstance(src, FileTensor):
+                numel = src.nbytes // src.dtype.itemsize
+                if src.dtype == wire:
+                    kind, obj, off, key = _FILE, src.path, src.offset, (_FILE, src.path, src.offset - w)
+                else:
+                    kind, obj, off, key = _CONV, src, wire, None
+            else:  # a lazily materialized source (shard.py): shape and dtype, converted when packed
+                numel, kind, obj, off, key = _numel(src), _CONV, src, wire, None
+            if not numel:
+                continue
+            if key is None or key != prev:
+                run += 1
+            prev = key
+            starts.append(w)
+            ends.append(w + numel * wire.itemsize)
+            kinds.append(kind)
+            objs.append(obj)
+            offs.append(off)
+            runs.append(run)
+        self.starts, self.ends, self.kinds, self.objs, self.offs, self.runs = starts, ends, kinds, objs, offs, runs
+        self.lens = [e - s for s, e in zip(starts, ends)]
+        self.non_mem = [0]  # non_mem[j]: spans before j that are not plain memory
+        for k in kinds:
+            self.non_mem.append(self.non_mem[-1] + (k != _MEM))
         self.converted: dict[int, torch.Tensor] = {}
-        self.storages: dict[int, torch.Tensor] = {}
+        self.storages: dict[tuple, torch.Tensor] = {}
         self.wrote_host = False
 
-    def _span_range(self, a: int, b: int) -> range:
-        return range(bisect.bisect_right(self.ends, a), bisect.bisect_left(self.starts, b))
+    def _span_range(self, a: int, b: int) -> tuple[int, int]:
+        return bisect.bisect_right(self.ends, a), bisect.bisect_left(self.starts, b)
 
     def _mem(self, j: int, last: bool) -> tuple[torch.Tensor, int]:
         """(contiguous tensor in the wire dtype, byte offset) for span j; conversions made once."""
-        kind, obj, off = self.pieces[j]
-        if kind == "mem":
+        kind, obj, off = self.kinds[j], self.objs[j], self.offs[j]
+        if kind == _MEM:
             return obj, off
         t = self.converted.get(j)
         if t is None:
-            t = read_file_tensor(obj, num_threads=self.read_threads) if isinstance(obj, FileTensor) else obj
-            t = t.detach().to(off).contiguous()
+            if isinstance(obj, FileTensor):
+                t = read_file_tensor(obj, num_threads=self.read_threads)
+            elif isinstance(obj, torch.Tensor):
+                t = obj.detach()
+            else:
+                t = obj()
+            t = t.to(off).contiguous()
             self.converted[j] = t
         if last:  # its last piece: drop the converted copy as we go
             del self.converted[j]
         return t, 0
 
+    def _one_piece(self, j0: int, j1: int, a: int, b: int) -> tuple[int, int] | None:
+        """[lo, hi) within [a, b) covered by spans j0..j1-1 if they form one run, else None."""
+        if j0 >= j1 or self.runs[j0] != self.runs[j1 - 1] or self.kinds[j0] == _CONV:
+            return None
+        return max(a, self.starts[j0]), min(b, self.ends[j1 - 1])
+
+    def _storage_bytes(self, j: int) -> torch.Tensor:
+        """The whole storage of span j's tensor as uint8, made once per storage."""
+        t = self.objs[j]
+        st = t.untyped_storage()
+        key = (st.data_ptr(), t.get_device())
+        sb = self.storages.get(key)
+        if sb is None:
+            sb = self.storages[key] = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st)
+        return sb
+
     def direct_view(self, a: int, b: int) -> torch.Tensor | None:
         """The source bytes of [a, b) when they are one contiguous piece of memory (send, no copy)."""
-        js = self._span_range(a, b)
-        if not js:
+        j0, j1 = self._span_range(a, b)
+        piece = self._one_piece(j0, j1, a, b)
+        if piece is None or self.kinds[j0] != _MEM:
             return None
-        base = st = None
-        for j in js:
-            kind, obj, off = self.pieces[j]
-            if kind != "mem":
-                return None
-            s = obj.untyped_storage()
-            b_j = obj.data_ptr() + off - self.starts[j]  # address of wire byte 0, were it in this storage
-            if base is None:
-                base, st = b_j, s
-            elif b_j != base or s.data_ptr() != st.data_ptr():
-                return None
-        lo, hi = a + base - st.data_ptr(), b + base - st.data_ptr()
-        if lo < 0 or hi > st.nbytes():
+        t = self.objs[j0]
+        base = t.data_ptr() - t.untyped_storage().data_ptr() - self.starts[j0]  # storage byte of wire 0
+        sb = self._storage_bytes(j0)
+        lo, hi = a + base, b + base
+        if lo < 0 or hi > sb.numel():
             return None
-        sb = self.storages.get(st.data_ptr())
-        if sb is None:
-            dev = self.pieces[js[0]][1].device
-            sb = self.storages[st.data_ptr()] = torch.empty(0, dtype=torch.uint8, device=dev).set_(st)
         return sb[lo:hi]
 
     def pack(self, a: int, b: int, dst: torch.Tensor, *, split_device: bool = False) -> tuple | None:
         """Fill `dst` (uint8, covering [a, b)) with the wire bytes. With `split_device`, pieces that
         live on a device are returned instead, as `copy_ranges` arguments for the caller."""
+        j0, j1 = self._span_range(a, b)
+        self.wrote_host = False
+        if j0 >= j1:
+            return None
+        piece = self._one_piece(j0, j1, a, b)
+        if piece is not None and self.kinds[j0] == _FILE:
+            lo, hi = piece
+            ops.read_ranges(self.objs[j0], dst, [self.offs[j0] + lo - self.starts[j0]], [lo - a], [hi - lo],
+                            num_threads=self.read_threads)
+            self.wrote_host = True
+            return None
+        if self.non_mem[j1] == self.non_mem[j0] and not split_device:  # plain memory: arguments by slicing
+            tensors = self.objs[j0:j1]
+            so = [0] * (j1 - j0)
+            do = [s - a for s in self.starts[j0:j1]]
+            ln = self.lens[j0:j1]
+            if do[0] < 0:  # the first span began in an earlier bucket
+                so[0], ln[0], do[0] = -do[0], ln[0] + do[0], 0
+            over = self.ends[j1 - 1] - b
+            if over > 0:  # the last span goes on in the next bucket
+                ln[-1] -= over
+            ops.copy_ranges(dst, tensors, so, do, ln)
+            self.wrote_host = True
+            return None
+        return self._pack_mixed(j0, j1, a, b, dst, split_device)
+
+    def _pack_mixed(self, j0, j1, a, b, dst, split_device) -> tuple | None:
         mem: tuple[list, list, list, list] = ([], [], [], [])
         dev: tuple[list, list, list, list] = ([], [], [], [])
         reads: dict[str, list[list[int]]] = {}
-        for j in self._span_range(a, b):
+        for j in range(j0, j1):
             start, end = self.starts[j], self.ends[j]
             s, e = max(start, a), min(end, b)
-            kind, obj, off = self.pieces[j]
-            if kind == "file":
-                fo = off + s - start
-                rs = reads.setdefault(obj, [])
+            if self.kinds[j] == _FILE:
+                fo = self.offs[j] + s - start
+                rs = reads.setdefault(self.objs[j], [])
                 if rs and rs[-1][0] + rs[-1][2] == fo and rs[-1][1] + rs[-1][2] == s - a:
                     rs[-1][2] += e - s  # back to back in the file and in the bucket: one read
                 else:

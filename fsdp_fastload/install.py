@@ -8,13 +8,16 @@ from .manifest import Entry
 
 
 def install(entries: list[Entry], views: list[torch.Tensor]) -> None:
+    """Parameters become `nn.Parameter`s over their views (same `requires_grad`, and the attributes
+    libraries hang on parameters, e.g. transformers' `_is_hf_initialized`); buffers are the views."""
+    make, param = torch.Tensor._make_subclass, nn.Parameter  # what nn.Parameter(view) does, minus a frame
     for e, v in zip(entries, views):
-        old = e.tensor
         if e.kind == "param":
-            new = nn.Parameter(v, requires_grad=e.requires_grad)
-            # Attributes libraries hang on parameters (e.g. transformers' `_is_hf_initialized`).
-            for k, val in getattr(old, "__dict__", {}).items():
-                new.__dict__.setdefault(k, val)
+            new = make(param, v, e.requires_grad)
+            old = getattr(e.tensor, "__dict__", None)
+            if old:
+                for k, val in old.items():
+                    new.__dict__.setdefault(k, val)
             for mod, attr in e.owners:
                 mod._parameters[attr] = new
         else:

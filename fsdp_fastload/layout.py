@@ -59,14 +59,43 @@ def _align(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
-def where(src) -> tuple | None:
-    """(key, byte address) of a source's bytes, for sources whose bytes can be sent as they are."""
-    if isinstance(src, FileTensor):
-        return ("file", src.path), src.offset
-    if isinstance(src, torch.Tensor) and not src.is_meta and src.is_contiguous():
-        ptr = src.data_ptr()
-        return ("mem", str(src.device), ptr - src.storage_offset() * src.element_size()), ptr
-    return None
+def _runs(entries: list[Entry], sources: list, ids: list[int]) -> list[list[tuple[int, int]]]:
+    """Groups of two or more entries back to back at their source (one storage, or one file), each
+    [(entry, byte address)] in address order; entries alone at their source are left out."""
+    groups: dict = {}
+    for i in ids:
+        e, s = entries[i], sources[i]
+        if not e.nbytes or s is None or s.dtype != e.dtype:
+            continue
+        if type(s) is FileTensor:
+            key, addr = s.path, s.offset
+        elif isinstance(s, torch.Tensor) and not s.is_meta and s.is_contiguous():
+            addr = s.data_ptr()
+            key = (s.get_device(), addr - s.storage_offset() * s.element_size())
+        else:
+            continue
+        g = groups.get(key)
+        if g is None:
+            groups[key] = [(addr, i)]
+        else:
+            g.append((addr, i))
+    runs: list[list[tuple[int, int]]] = []
+    for g in groups.values():
+        if len(g) < 2:
+            continue
+        g.sort()
+        run: list[tuple[int, int]] = []
+        end = None
+        for addr, i in g:
+            if run and not end <= addr <= end + MAX_GAP:
+                if len(run) > 1:
+                    runs.append(run)
+                run = []
+            run.append((i, addr))
+            end = addr + entries[i].nbytes
+        if len(run) > 1:
+            runs.append(run)
+    return runs
 
 
 def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
@@ -77,28 +106,16 @@ def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
     if wire is None:
         wire = [e.dtype for e in entries]
     final, woff = [0] * n, [-1] * n
-    direct_ids = [i for i in range(n) if wire[i] == entries[i].dtype]
-    conv_ids = [i for i in range(n) if wire[i] is not None and wire[i] != entries[i].dtype]
-    local_ids = [i for i in range(n) if wire[i] is None]
+    direct_ids, conv_ids, local_ids = [], [], []
+    for i, e in enumerate(entries):
+        w = wire[i]
+        (local_ids if w is None else direct_ids if w == e.dtype else conv_ids).append(i)
 
-    # Runs: entries back to back at their source, placed with the same relative offsets.
-    located = []
-    for i in direct_ids:
-        loc = where(sources[i]) if sources is not None and entries[i].nbytes else None
-        if loc is not None and (sources is None or sources[i].dtype == entries[i].dtype):
-            located.append((loc[0], loc[1], i))
-    located.sort(key=lambda x: (x[0], x[1]))
-    runs: list[list[tuple[int, int]]] = []  # [(entry, address)]
-    prev_key, prev_end = None, None
-    for key, addr, i in located:
-        if runs and key == prev_key and prev_end <= addr <= prev_end + MAX_GAP:
-            runs[-1].append((i, addr))
-        else:
-            runs.append([(i, addr)])
-        prev_key, prev_end = key, addr + entries[i].nbytes
-    spans: list[tuple[int, int, bool]] = []  # (start, end, sent as one piece at src)
-    off, placed = 0, set()
-    for run in runs:
+    # Runs: entries back to back at their source keep their relative offsets (sent/read in one piece).
+    spans: list[tuple[int, int, bool]] = []  # (start, end, sent as one piece at src), in offset order
+    off = 0
+    placed: set[int] = set()
+    for run in (_runs(entries, sources, direct_ids) if sources is not None else ()):
         start_addr = run[0][1]
         base = _align(off) + start_addr % ALIGN  # keep every member's alignment
         if any((base + a - start_addr) % entries[i].dtype.itemsize for i, a in run):
@@ -108,18 +125,20 @@ def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
             placed.add(i)
         last_i, last_a = run[-1]
         off = base + last_a - start_addr + entries[last_i].nbytes
-        spans.append((final[run[0][0]], off, len(run) > 1 or entries[run[0][0]].nbytes >= direct_min))
+        spans.append((final[run[0][0]], off, True))
+    mask = ALIGN - 1
     for i in direct_ids:
         if i in placed:
             continue
-        final[i] = woff[i] = off = _align(off)
-        off += entries[i].nbytes
-        if entries[i].nbytes:
-            spans.append((final[i], off, entries[i].nbytes >= direct_min))
+        nb = entries[i].nbytes
+        final[i] = woff[i] = off = (off + mask) & ~mask
+        if nb:
+            spans.append((off, off + nb, nb >= direct_min))
+            off += nb
     direct = off = _align(off)
     for i in conv_ids + local_ids:
         final[i] = off
-        off = _align(off + entries[i].nbytes)
+        off = (off + entries[i].nbytes + mask) & ~mask
     main_total = off
     w = direct
     conv_spans = []
@@ -128,9 +147,9 @@ def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
         nb = entries[i].numel * wire[i].itemsize
         if nb:
             conv_spans.append((w, w + nb, nb >= direct_min))
-        w = _align(w + nb)
+        w = (w + nb + mask) & ~mask
     bucket_size = max(_align(int(bucket_size)), ALIGN)
-    buckets = _buckets(sorted(spans), bucket_size) + _buckets(conv_spans, bucket_size)
+    buckets = _buckets(spans, bucket_size) + _buckets(conv_spans, bucket_size)
     return Layout(final=final, main_total=main_total, wire=woff, wire_dtype=list(wire), direct=direct,
                   wire_total=w, buckets=buckets)
 

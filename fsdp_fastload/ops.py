@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from itertools import chain
 from typing import Sequence
 
 import torch
@@ -67,12 +68,12 @@ def extension_available() -> bool:
 def encode_spec(dtypes: Sequence[torch.dtype], offsets: Sequence[int],
                 shapes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]] | None = None
                 ) -> list[int]:
-    """Flatten view descriptions into carve's int list: [code, offset, ndim, *sizes, *strides]..."""
-    spec: list[int] = []
-    for i, (dt, off, shape) in enumerate(zip(dtypes, offsets, shapes)):
-        st = strides[i] if strides is not None else _contiguous_strides(shape)
-        spec += [DTYPE_CODE[dt], int(off), len(shape), *shape, *st]
-    return spec
+    """Flatten view descriptions into carve's int list: per view [code, offset, ndim, *sizes,
+    *strides], or, without `strides` (contiguous views), [code, offset, -ndim - 1, *sizes]."""
+    codes = [DTYPE_CODE[d] for d in dtypes]
+    if strides is None:
+        return list(chain.from_iterable((c, o, -len(s) - 1, *s) for c, o, s in zip(codes, offsets, shapes)))
+    return list(chain.from_iterable((c, o, len(s), *s, *st) for c, o, s, st in zip(codes, offsets, shapes, strides)))
 
 
 def _contiguous_strides(shape: Sequence[int]) -> list[int]:
@@ -88,13 +89,18 @@ def _decode_spec(spec: Sequence[int]):
     while i < n:
         if i + 3 > n:
             raise RuntimeError(f"fsdp_fastload carve: truncated spec at offset {i}")
-        code, off, ndim = spec[i], spec[i + 1], spec[i + 2]
+        code, off, raw = spec[i], spec[i + 1], spec[i + 2]
         if not 0 <= code < len(_DTYPES):
             raise RuntimeError(f"fsdp_fastload: unknown dtype code {code} (expected 0..{len(_DTYPES) - 1})")
-        if ndim < 0 or i + 3 + 2 * ndim > n:
-            raise RuntimeError(f"fsdp_fastload carve: bad ndim {ndim}")
-        yield _DTYPES[code], off, list(spec[i + 3:i + 3 + ndim]), list(spec[i + 3 + ndim:i + 3 + 2 * ndim])
-        i += 3 + 2 * ndim
+        contiguous = raw < 0
+        ndim = -raw - 1 if contiguous else raw
+        words = ndim if contiguous else 2 * ndim
+        if ndim > 64 or i + 3 + words > n:
+            raise RuntimeError(f"fsdp_fastload carve: bad ndim {raw}")
+        sizes = list(spec[i + 3:i + 3 + ndim])
+        strides = _contiguous_strides(sizes) if contiguous else list(spec[i + 3 + ndim:i + 3 + 2 * ndim])
+        yield _DTYPES[code], off, sizes, strides
+        i += 3 + words
 
 
 def _check_flat(flat: torch.Tensor, op: str) -> None:
@@ -165,6 +171,20 @@ def _copy_ranges_ref(dst: torch.Tensor, srcs: Sequence[torch.Tensor], src_offset
             dst[d:d + n].copy_(s.detach().reshape(-1).view(torch.uint8)[so:so + n], non_blocking=True)
 
 
+def _prefault_ref(flat: torch.Tensor) -> bool:
+    _check_flat(flat, "fsdp_fastload prefault")
+    if flat.device.type != "cpu" or not flat.numel():
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = os.sysconf("SC_PAGE_SIZE")
+    a = (flat.data_ptr() + page - 1) // page * page
+    b = (flat.data_ptr() + flat.numel()) // page * page
+    return b <= a or libc.madvise(a, b - a, 23) == 0  # MADV_POPULATE_WRITE (Linux >= 5.14)
+
+
 def _read_ranges_ref(path: str, dst: torch.Tensor, file_offsets: Sequence[int],
                      dst_offsets: Sequence[int], lengths: Sequence[int], num_threads: int = 4) -> None:
     if dst.device.type != "cpu" or not dst.is_contiguous():
@@ -221,6 +241,10 @@ def _register_fakes() -> None:
     def _(flat, value=255):
         return None
 
+    @torch.library.register_fake(lib + "prefault")
+    def _(flat):
+        return False
+
     @torch.library.register_fake(lib + "copy_ranges")
     def _(dst, srcs, src_offsets, dst_offsets, lengths):
         return None
@@ -254,6 +278,32 @@ def poison_(flat: torch.Tensor, value: int = 255) -> torch.Tensor:
     else:
         _poison_ref(flat, int(value))
     return flat
+
+
+def prefault(flat: torch.Tensor) -> bool:
+    """Fault the pages of the CPU buffer `flat` in without writing them (no-op elsewhere); safe to
+    run on another thread while data is received into it. Whether it happened."""
+    if _load_extension():
+        return bool(torch.ops.fsdp_fastload.prefault(flat))
+    return _prefault_ref(flat)
+
+
+class Prefault:
+    """`prefault(flat)` on a background thread (the op runs without the GIL); `join()` before use ends.
+
+    Receivers start it before the layout arrives, so the page faults of fresh memory overlap src's
+    planning and the transfer instead of slowing each received byte.
+    """
+
+    def __init__(self, flat: torch.Tensor):
+        import threading
+
+        self.thread = threading.Thread(target=prefault, args=(flat,), name="fsdp_fastload-prefault",
+                                       daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
 
 
 def copy_ranges(dst: torch.Tensor, srcs: Sequence[torch.Tensor], src_offsets: Sequence[int],

@@ -374,3 +374,39 @@ def _hang_worker(rank, world):
         dist.broadcast(torch.zeros(1), src=0)  # rank 0 never sends
     time.sleep(60)  # rank 0 stays alive, so rank 1 waits (not errors) until the watchdog fires
     return "done"
+
+
+class BigNet(nn.Module):
+    """~80 MB of parameters: big enough that receivers fault their flat buffer in on a thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(1024, 1024) for _ in range(19))
+        self.register_buffer("scale", torch.arange(7, dtype=torch.float64), persistent=False)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x * self.scale.sum()
+
+
+def _big(device):
+    torch.manual_seed(1)
+    with torch.device(device):
+        return BigNet()
+
+
+def _prefault_worker(rank, world, estimate_too_small):
+    import fsdp_fastload.api as api
+    from fsdp_fastload import materialize
+
+    if estimate_too_small:  # the receivers' guess of src's buffer size is wrong: a fresh buffer is used
+        api._main_estimate = lambda *a: api.PREFAULT_MIN
+    model = _big("cpu" if rank == 0 else "meta")
+    materialize(model, "cpu", verify=True)  # no poison: the early, prefaulted buffer is used
+    return compare(model, _big("cpu"), lambda m: m(torch.ones(2, 1024)))
+
+
+@pytest.mark.parametrize("estimate_too_small", [False, True])
+def test_receivers_prefaulted_buffer(estimate_too_small):
+    assert run_ranks(_prefault_worker, 2, estimate_too_small) == [[], []]

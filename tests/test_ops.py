@@ -274,3 +274,40 @@ def test_copy_ranges_opcheck():
     ops.poison_(dst, 0)
     srcs = [torch.arange(10, dtype=torch.float32), torch.ones(3, dtype=torch.bfloat16)]
     torch.library.opcheck(torch.ops.fsdp_fastload.copy_ranges.default, (dst, srcs, [4, 0], [0, 64], [36, 6]))
+
+
+@pytest.mark.parametrize("impl", ["compiled", "fallback"])
+def test_prefault_keeps_bytes_written_concurrently(impl):
+    # prefault runs on another thread while data lands in the buffer: it must never change a byte.
+    if impl == "compiled" and not ops.extension_available():
+        pytest.skip("fsdp_fastload._C not built")
+    import threading
+
+    fn = ops.prefault if impl == "compiled" else ops._prefault_ref
+    flat = ops.alloc(96 << 20, "cpu")
+    pattern = (torch.arange(1 << 20, dtype=torch.int64) * 2654435761 % 251).to(torch.uint8)
+    flat[:1 << 20].copy_(pattern)  # written before
+    result = []
+    t = threading.Thread(target=lambda: result.append(fn(flat)))
+    t.start()
+    for k in range(1, 96):  # written during
+        flat[k << 20:(k + 1) << 20].copy_(pattern)
+    t.join()
+    assert result and isinstance(result[0], bool)
+    assert torch.equal(flat.view(96, 1 << 20), pattern.expand(96, -1))
+    assert fn(flat[:0]) is False and fn(flat[1:1000]) in (True, False)  # empty / sub-page ranges
+
+
+@needs_ext
+def test_carve_contiguous_spec_matches_explicit_strides():
+    dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.float16, torch.uint8]
+    shapes = [(3, 5), (7,), (), (0, 4), (2, 3, 4)]
+    offsets = [0, 64, 128, 192, 256]
+    short = ops.encode_spec(dtypes, offsets, shapes)
+    full = ops.encode_spec(dtypes, offsets, shapes, [ops._contiguous_strides(s) for s in shapes])
+    assert len(short) < len(full)
+    flat = ops.alloc(512, "cpu")
+    for impl in (ops.carve, ops._carve_ref):
+        assert _describe(impl(flat, short)) == _describe(ops._carve_ref(flat, full))
+    with pytest.raises(RuntimeError, match="bad ndim"):
+        ops.carve(flat, [6, 0, -70, 1])
