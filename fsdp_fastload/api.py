@@ -164,7 +164,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     rep = [i for i, e in enumerate(entries) if e.cls != "DTensor"] if shd else list(range(len(entries)))
     geos: list = []
     if shd and error is None:
-        geos = [shard.geometry(entries[i], ranks) for i in shd]
+        cache: dict = {}
+        geos = [shard.geometry(entries[i], ranks, cache) for i in shd]
         error = next((g for g in geos if isinstance(g, str)), None)
     src_plan = None
     if error is None and is_src and state_dict is not None:

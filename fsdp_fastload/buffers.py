@@ -32,21 +32,28 @@ def _written(view: torch.Tensor, version: int) -> bool:
     return not bool((byte_view(view) == POISON).all())
 
 
-def _hf_owner(root: nn.Module, target: nn.Module) -> nn.Module | None:
-    """The innermost transformers PreTrainedModel containing `target` (None without transformers)."""
+def _hf_owners(root: nn.Module) -> dict[int, nn.Module]:
+    """id(module) -> the innermost transformers PreTrainedModel containing it (one walk of the tree;
+    empty without transformers)."""
     tf = sys.modules.get("transformers")
+    owners: dict[int, nn.Module] = {}
     if tf is None:
-        return None
-    best, best_len = None, -1
-    for name, mod in root.named_modules():
-        if isinstance(mod, tf.PreTrainedModel) and len(name) > best_len:
-            if any(m is target for m in mod.modules()):
-                best, best_len = mod, len(name)
-    return best
+        return owners
+
+    def visit(mod: nn.Module, owner: nn.Module | None) -> None:
+        if isinstance(mod, tf.PreTrainedModel):
+            owner = mod
+        if owner is not None:
+            owners.setdefault(id(mod), owner)
+        for child in mod._modules.values():
+            if child is not None:
+                visit(child, owner)
+
+    visit(root, None)
+    return owners
 
 
-def _sources(root: nn.Module, mod: nn.Module, buffer_init: Callable | None):
-    hf = _hf_owner(root, mod)
+def _sources(hf: nn.Module | None, mod: nn.Module, buffer_init: Callable | None):
     if hf is not None and hasattr(hf, "_init_weights"):
         def run_hf():
             guard = getattr(sys.modules.get("transformers.initialization"), "guard_torch_init_functions", None)
@@ -82,9 +89,10 @@ def recompute(root: nn.Module, entries: list[Entry], views: list[torch.Tensor], 
                 for mod, _ in entries[i].owners:
                     by_module.setdefault(id(mod), (mod, []))[1].append(i)
             tried: dict[int, list[str]] = {}
+            hf_owners = _hf_owners(root)
             done: set[int] = set()
             for mod, ids in by_module.values():
-                for what, fn in _sources(root, mod, buffer_init):
+                for what, fn in _sources(hf_owners.get(id(mod)), mod, buffer_init):
                     if all(i in done for i in ids):
                         break
                     for i in ids:

@@ -32,7 +32,7 @@ class Entry:
         self.shape, self.requires_grad, self.cls, self.tensor = shape, requires_grad, cls, tensor
         self.owners = [] if owners is None else owners
         # DTensor: (placements, mesh shape, mesh ranks), which must agree too; `shape` is global.
-        self.placement = _placement(tensor) if cls == "DTensor" else None
+        self.placement = None
         if numel is None:
             numel = 1
             for d in shape:
@@ -49,11 +49,14 @@ class Entry:
                 self.requires_grad, self.cls, self.placement)
 
 
-def _placement(t: torch.Tensor) -> tuple | None:
-    mesh = getattr(t, "device_mesh", None)
-    if mesh is None:
-        return None
-    return (tuple(str(p) for p in t.placements), tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist()))
+def mesh_grid(mesh, cache: dict) -> tuple[tuple[int, ...], list[int]]:
+    """(shape, ranks in row-major order) of a DeviceMesh; `mesh.mesh` is rebuilt on every access in
+    recent torch (~150 us), so it is read once per mesh and call."""
+    got = cache.get(id(mesh))
+    if got is None or got[0] is not mesh:
+        grid = mesh.mesh
+        got = cache[id(mesh)] = (mesh, tuple(grid.shape), grid.flatten().tolist())
+    return got[1], got[2]
 
 
 def build_manifest(module: nn.Module) -> list[Entry]:
@@ -64,6 +67,7 @@ def build_manifest(module: nn.Module) -> list[Entry]:
     by_id: dict[int, Entry] = {}
     entries: list[Entry] = []
     seen: set[int] = set()
+    meshes: dict = {}
 
     def visit(mod: nn.Module, dot: str) -> None:
         params, buffers = mod._parameters, mod._buffers
@@ -81,6 +85,9 @@ def build_manifest(module: nn.Module) -> list[Entry]:
                             [dot + attr], kind, kind == "param" or attr not in non_persistent, t.dtype,
                             tuple(t.shape), t.requires_grad, type(t).__name__, t, [(mod, attr)], t.numel())
                         entries.append(e)
+                        if e.cls == "DTensor":
+                            shape, ranks = mesh_grid(t.device_mesh, meshes)
+                            e.placement = (tuple(str(p) for p in t.placements), shape, tuple(ranks))
                         continue
                     # a tie: the same tensor object under another name
                     if kind == "param":

@@ -50,10 +50,16 @@ def _box(shape: tuple, mesh_shape: tuple, coord: tuple, placements) -> tuple[tup
     return tuple(local), tuple(offset)
 
 
-def geometry(e: Entry, group_ranks: list[int]) -> Geometry | str:
-    """Every group rank's box of the DTensor entry `e`, or the reason it is not supported."""
+def geometry(e: Entry, group_ranks: list[int], cache: dict) -> Geometry | str:
+    """Every group rank's box of the DTensor entry `e`, or the reason it is not supported.
+
+    Boxes follow DTensor's Shard semantics (`torch.chunk` per mesh dimension, left to right); the
+    local shard's shape is checked on every entry, and once per (mesh, placements) against torch's
+    own `compute_local_shape_and_global_offset`. `cache` is shared by one call's entries.
+    """
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from .manifest import mesh_grid
 
     t = e.tensor
     name = e.names[0]
@@ -62,25 +68,33 @@ def geometry(e: Entry, group_ranks: list[int]) -> Geometry | str:
         return (f"not supported: '{name}' is a DTensor with placements {odd} (only Shard and Replicate). "
                 "Materialize the model before applying this parallelism, or use Shard/Replicate.")
     mesh = t.device_mesh
-    grid = mesh.mesh
-    ranks = grid.flatten().tolist()
+    shape, ranks = mesh_grid(mesh, cache)
     if sorted(ranks) != sorted(group_ranks):
         return (f"not supported: '{name}' lives on a device mesh of ranks {ranks[:8]} but materialize runs "
                 f"over the group of ranks {group_ranks[:8]}. Pass group= covering exactly the mesh's ranks.")
-    coords = {}
-    for flat_i, r in enumerate(ranks):
-        c, rest = [], flat_i
-        for n in reversed(grid.shape):
-            c.append(rest % n)
-            rest //= n
-        coords[r] = tuple(reversed(c))
-    boxes = tuple(_box(e.shape, tuple(grid.shape), coords[r], t.placements) for r in group_ranks)
+    coords = cache.get(("coords", id(mesh)))
+    if coords is None:
+        coords = cache[("coords", id(mesh))] = {}
+        for flat_i, r in enumerate(ranks):
+            c, rest = [], flat_i
+            for n in reversed(shape):
+                c.append(rest % n)
+                rest //= n
+            coords[r] = tuple(reversed(c))
+    boxes = tuple(_box(e.shape, shape, coords[r], t.placements) for r in group_ranks)
     mine = boxes[group_ranks.index(dist.get_rank())]
-    want = compute_local_shape_and_global_offset(e.shape, mesh, t.placements)
-    if (tuple(mine[0]), tuple(mine[1])) != (tuple(want[0]), tuple(want[1])) or tuple(t._local_tensor.shape) != mine[0]:
-        return (f"not supported: '{name}' has a local shard of shape {tuple(t._local_tensor.shape)} at offset "
-                f"{tuple(want[1])}, but torch.chunk placement gives {mine[0]} at {mine[1]} "
-                f"(placements {t.placements}). Materialize the model before sharding it this way.")
+    ok = tuple(t._local_tensor.shape) == mine[0]
+    key = ("checked", id(mesh), tuple(t.placements))
+    if ok and key not in cache:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        want = compute_local_shape_and_global_offset(e.shape, mesh, t.placements)
+        ok = (tuple(want[0]), tuple(want[1])) == (tuple(mine[0]), tuple(mine[1]))
+        cache[key] = True
+    if not ok:
+        return (f"not supported: '{name}' has a local shard of shape {tuple(t._local_tensor.shape)}, but "
+                f"torch.chunk placement gives {mine[0]} at offset {mine[1]} (placements {t.placements}). "
+                "Materialize the model before sharding it this way.")
     slot = max((_numel(s) for s, _ in boxes), default=0)
     return Geometry(slot_numel=slot, boxes=boxes)
 
@@ -168,10 +182,12 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
                  packers: list | None, src: int, group, device: torch.device, sends) -> None:
     """Fill bucket k's `target(a, b)` on every rank with its own bytes of [a, b) (one scatter each).
 
-    On src, `packers[i]` writes group rank i's bytes; every rank's piece is packed into one of two
-    reused staging buffers (`world` pieces each), so packing bucket k+1 overlaps scattering bucket k.
+    On src, `packers[i]` writes group rank i's bytes: the other ranks' pieces go into one of two
+    reused staging buffers, so packing bucket k+1 overlaps scattering bucket k; on a CPU target
+    src's own piece is packed straight into its final storage (which is also its scatter input).
     """
-    world = dist.get_world_size(group)
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    world, me = len(ranks), ranks.index(src)
     biggest = max((b - a for a, b in layout.buckets), default=0)
     cuda = device.type == "cuda"
     stages: list = [None, None]
@@ -192,17 +208,19 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
                 if cuda:
                     pinned[slot] = ops.alloc(world * biggest, "cpu", pin_memory=True)
             host = pinned[slot] if cuda else stages[slot]
+            pieces = [stages[slot][i * biggest:i * biggest + b - a] for i in range(world)]
+            if not cuda:
+                pieces[me] = out  # gloo copies src's own piece onto itself: the same bytes
             if sends.error is None:
                 try:
                     for i, packer in enumerate(packers):
-                        packer.pack(a, b, host[i * biggest:i * biggest + b - a])
+                        packer.pack(a, b, out if (i == me and not cuda) else host[i * biggest:i * biggest + b - a])
                     if cuda:
                         stages[slot].copy_(host, non_blocking=True)
                         copied[slot] = torch.cuda.Event()
                         copied[slot].record()
                 except Exception as e:  # noqa: BLE001  src keeps sending; every rank raises it in finish()
                     sends.fail(k, e)
-            pieces = [stages[slot][i * biggest:i * biggest + b - a] for i in range(world)]
         sent = sends.send(k, out, scatter_list=pieces)
         if is_src:
             used[k % 2] = sent
@@ -247,9 +265,11 @@ def install_shards(module: nn.Module, entries: list[Entry], slots: list[torch.Te
         old = e.tensor
         shape = g.boxes[me][0]
         local = slot[:_numel(shape)].view(shape)
-        dt = DTensor.from_local(local, old.device_mesh, old.placements, run_check=False,
-                                shape=old.shape, stride=old.stride())
-        new = nn.Parameter(dt, requires_grad=e.requires_grad) if e.kind == "param" else dt
+        # The meta DTensor's spec (mesh, placements, global shape and stride) over the local view; a
+        # fresh leaf, so marking it a parameter is what nn.Parameter(dt) does, minus its detach.
+        new = DTensor(local, old._spec, requires_grad=e.requires_grad and e.kind == "param")
+        if e.kind == "param":
+            new._is_param = True
         for k, val in getattr(old, "__dict__", {}).items():
             new.__dict__.setdefault(k, val)
         for mod, attr in e.owners:

@@ -347,12 +347,14 @@ def _subgroup_worker(rank, world):
     from fsdp_fastload import materialize
 
     group = dist.new_group([1, 2])
-    if rank == 0:
-        return []
-    build = models.PLAIN_CASES["kitchen_sink"]
-    model = build(device="cpu" if rank == 2 else "meta")
-    materialize(model, "cpu", src=2, group=group, verify=True)
-    return compare(model, build(device="cpu"), lambda m: m(m.example_input()))
+    out = []
+    if rank != 0:
+        build = models.PLAIN_CASES["kitchen_sink"]
+        model = build(device="cpu" if rank == 2 else "meta")
+        materialize(model, "cpu", src=2, group=group, verify=True)
+        out = compare(model, build(device="cpu"), lambda m: m(m.example_input()))
+    dist.barrier()  # rank 0 hosts the store the others' group still uses: it leaves last
+    return out
 
 
 def test_subgroup_with_nonzero_src():
