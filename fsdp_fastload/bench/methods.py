@@ -249,6 +249,57 @@ def m_accelerate_fsdp2(model, rank, ctx):
     return fsdp2_load_full_state_dict(acc, model, ctx.full_sd if rank == ctx.src else {})
 
 
-DEFAULT_METHODS = ["floor", "limit", "ours", "ours_sd", "read_floor", "ddp_sync", "dcp_full",
-                   "dcp_fsdp2", "accelerate_fsdp2", "hf_every_rank", "hf0_ddp_sync"]
+# -- ours on FSDP2 and DDP --------------------------------------------------------------------------
+
+
+@method("ours_fsdp2", setup="fsdp2",
+        note="materialize(model, cpu, state_dict=<full state dict> on rank 0) on an FSDP2-sharded meta "
+             "model: every rank allocates and receives only its shards (bucketed scatters)")
+def m_ours_fsdp2(model, rank, ctx):
+    import torch
+    from fsdp_fastload import materialize
+
+    materialize(model, torch.device("cpu"), src=ctx.src, state_dict=ctx.full_sd if rank == ctx.src else None)
+
+
+@method("ours_fsdp2_sd", setup="fsdp2", end_to_end=True,
+        note="the same, rank 0 passing the checkpoint directory: reads safetensors on rank 0, pipelined "
+             "into the scatters (end to end)")
+def m_ours_fsdp2_sd(model, rank, ctx):
+    import torch
+    from fsdp_fastload import materialize
+
+    materialize(model, torch.device("cpu"), src=ctx.src,
+                state_dict=str(ctx.ckpt_dir) if rank == ctx.src else None)
+
+
+def _ddp(model, init_sync: bool):
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, init_sync=init_sync)
+
+
+@method("ours_ddp", note="materialize, then DistributedDataParallel(model, init_sync=False): DDP skips "
+                         "its own re-broadcast of what materialize just delivered")
+def m_ours_ddp(model, rank, ctx):
+    import torch
+    from fsdp_fastload import materialize
+
+    materialize(model, torch.device("cpu"), src=ctx.src)
+    ctx.state["ddp"] = _ddp(model, init_sync=False)  # kept alive; `model` is still the module checked
+
+
+@method("ours_ddp_sync", note="materialize, then DistributedDataParallel(model) with its default init "
+                              "sync (what init_sync=False saves)")
+def m_ours_ddp_sync(model, rank, ctx):
+    import torch
+    from fsdp_fastload import materialize
+
+    materialize(model, torch.device("cpu"), src=ctx.src)
+    ctx.state["ddp"] = _ddp(model, init_sync=True)
+
+
+DEFAULT_METHODS = ["floor", "limit", "ours", "ours_sd", "read_floor", "ours_fsdp2", "ours_fsdp2_sd",
+                   "ours_ddp", "ours_ddp_sync", "ddp_sync", "dcp_full", "dcp_fsdp2", "accelerate_fsdp2",
+                   "hf_every_rank", "hf0_ddp_sync"]
 DEFAULT_SWEEP_METHODS = ["floor", "ours"]
