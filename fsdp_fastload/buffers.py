@@ -1,9 +1,9 @@
 """Stage 6, buffers: non-persistent buffers nobody sent are recomputed locally, touching nothing loaded.
 
-While initializers run, every loaded (or to-be-loaded) tensor of the model is swapped out for a `meta`
-placeholder, so an initializer that resets a whole module (transformers' `_init_weights` on an
-embedding that owns a scale buffer) writes into nothing; only the fresh, poisoned buffer storage is
-real. Sources, in order, per owning module: transformers `PreTrainedModel._init_weights`; the
+Initializers run on the modules that own such buffers; while they run, every tensor of those modules
+and their children is swapped out for a `meta` placeholder, so an initializer that resets a whole
+module (transformers' `_init_weights` on an embedding that owns a scale buffer) writes into nothing;
+only the fresh, poisoned buffer storage is real (loaded values are in views not installed yet). Sources, in order, per owning module: transformers `PreTrainedModel._init_weights`; the
 module's own `reset_parameters` / `init_weights`; the user's `buffer_init(module)`. A buffer that no
 source wrote is an error naming it, never garbage. The model is restored as it was afterwards.
 """
@@ -74,20 +74,26 @@ def _sources(hf: nn.Module | None, mod: nn.Module, buffer_init: Callable | None)
 def recompute(root: nn.Module, entries: list[Entry], views: list[torch.Tensor], local: list[int],
               buffer_init: Callable | None) -> str | None:
     """Fill `views[i]` for i in `local` by running initializers; None or an error text. Restores the model."""
-    saved = [(mod, attr, e.kind, (mod._parameters if e.kind == "param" else mod._buffers)[attr])
-             for e in entries for mod, attr in e.owners]
+    by_module: dict[int, tuple[nn.Module, list[int]]] = {}
+    for i in local:
+        for mod, _ in entries[i].owners:
+            by_module.setdefault(id(mod), (mod, []))[1].append(i)
+    # Initializers run on these modules (and may recurse into their children): every tensor there is
+    # swapped out, so they write only into the fresh buffer views.
+    reach = {id(m) for mod, _ in by_module.values() for m in mod.modules()}
+    touched = [i for i, e in enumerate(entries) if any(id(mod) in reach for mod, _ in e.owners)]
+    saved = [(mod, attr, entries[i].kind,
+              (mod._parameters if entries[i].kind == "param" else mod._buffers)[attr])
+             for i in touched for mod, attr in entries[i].owners]
     local_set = set(local)
     try:
         with torch.no_grad():
-            for i, e in enumerate(entries):
+            for i in touched:
+                e = entries[i]
                 t = views[i] if i in local_set else _placeholder(e)
                 for mod, attr in e.owners:
                     (mod._parameters if e.kind == "param" else mod._buffers)[attr] = t
             versions = {i: views[i]._version for i in local}
-            by_module: dict[int, tuple[nn.Module, list[int]]] = {}
-            for i in local:
-                for mod, _ in entries[i].owners:
-                    by_module.setdefault(id(mod), (mod, []))[1].append(i)
             tried: dict[int, list[str]] = {}
             hf_owners = _hf_owners(root)
             done: set[int] = set()
