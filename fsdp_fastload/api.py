@@ -192,9 +192,11 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     # CPU targets: the flat buffer is allocated now and its pages faulted in on a background thread
     # while this rank waits for src's plan, then ahead of the transfer (receivers size it from their
     # own manifest; a layout that turns out larger gets a buffer of its own).
+    # src keeps its own tensors when they already live on `device`: it sends from them (no copy).
+    kept = is_src and error is None and src_plan is None and not shd and _all_kept_in_place(entries, device)
     early = prefaulting = None
     if (error is None and device.type == "cpu" and opts["prefault"] and not opts["poison"]
-            and (layout is not None or not is_src)):
+            and not kept and (layout is not None or not is_src)):
         nbytes = (sum(lay.main_total for lay in (layout, shd_layout) if lay is not None) if is_src
                   else _main_estimate(entries, rep, shd, geos))
         early = ops.alloc(nbytes, device)
@@ -218,8 +220,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                 progress=opts["progress"], timeout=timeout)
 
     # 2-3. layout, one allocation (plus a wire buffer for dtype-converted tensors), all views.
-    if is_src and src_plan is None and not shd and _all_kept_in_place(entries, device):
-        # src's tensors already live on `device`: it sends from them and keeps them (no copy at all).
+    if kept:
         t_alloc = time.perf_counter()
         if distributed:
             packer = Packer(sources, layout, read_threads=opts["read_threads"])
@@ -277,7 +278,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         sends = Broadcasts(shd_layout, src=src, group=group, device=device, op="scatter",
                            max_inflight=opts["max_inflight"], timeout=timeout)
         shard.scatter_fill(targets[1], shd_layout, is_src=is_src, packers=packers if is_src else None,
-                           src=src, group=group, device=device, sends=sends)
+                           src=src, group=group, device=device, sends=sends, progress=opts["progress"])
     for pairs in conversions:
         for v, w in pairs:
             v.copy_(w)  # "send bf16, upcast after": the module's dtype wins

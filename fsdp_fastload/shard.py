@@ -14,7 +14,6 @@ bookkeeping pointing at the same storage (no copy on its lazy init).
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
+from .fill import _progress
 from .layout import Layout
 from .manifest import Entry
 from .source import FileTensor
@@ -179,7 +179,8 @@ def slot_entries(entries: list[Entry], geos: list[Geometry]) -> list[Entry]:
 
 
 def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, is_src: bool,
-                 packers: list | None, src: int, group, device: torch.device, sends) -> None:
+                 packers: list | None, src: int, group, device: torch.device, sends,
+                 progress: bool | None = None) -> None:
     """Fill bucket k's `target(a, b)` on every rank with its own bytes of [a, b) (one scatter each).
 
     On src, `packers[i]` writes group rank i's bytes: the other ranks' pieces go into one of two
@@ -194,6 +195,8 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
     pinned: list = [None, None]
     copied: list = [None, None]  # CUDA: the event after the host->device copy out of each pinned buffer
     used: list = [None, None]  # the scatter that last read each staging buffer
+    show = _progress(layout.wire_total * world) if is_src and progress is not False else None
+    t0 = time.perf_counter()
     for k, (a, b) in enumerate(layout.buckets):
         out = target(a, b)
         pieces = None
@@ -224,6 +227,8 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
         sent = sends.send(k, out, scatter_list=pieces)
         if is_src:
             used[k % 2] = sent
+        if show:
+            show(b * world, t0)
     sends.finish()
     if cuda:
         torch.cuda.current_stream(device).synchronize()
