@@ -151,6 +151,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: gloo; cuda: NCCL, one rank per GPU")
     args = p.parse_args(argv)
+    if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
+        print(f"--model {args.model}: not a transformers checkpoint directory (no config.json there). "
+              "Pass a directory written by save_pretrained, or leave --model out for the built-in "
+              "example.", file=sys.stderr)
+        return 2
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
