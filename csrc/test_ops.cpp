@@ -3,6 +3,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -136,10 +137,54 @@ void test_read_ranges() {
 
 }  // namespace
 
+void test_copy_ranges_and_prefault() {
+  auto copy = op("fsdp_fastload::copy_ranges")
+                  .typed<void(at::Tensor&, at::TensorList, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
+  auto prefault = op("fsdp_fastload::prefault").typed<bool(const at::Tensor&)>();
+  at::Tensor a = at::arange(100, at::kFloat), b = at::arange(7, at::kLong);
+  at::Tensor dst = fsdp_fastload::alloc(1024, at::Device("cpu"), false);
+  dst.fill_(0);
+  copy.call(dst, {a, b}, {4, 8}, {0, 512}, {396, 40});
+  EXPECT(at::equal(dst.narrow(0, 0, 396), a.view(at::kByte).narrow(0, 4, 396)));
+  EXPECT(at::equal(dst.narrow(0, 512, 40), b.view(at::kByte).narrow(0, 8, 40)));
+  EXPECT(dst.narrow(0, 396, 116).sum().item<int64_t>() == 0);
+  // Every range is checked before a byte moves: out of the source, out of dst, negative, mismatched.
+  at::Tensor before = dst.clone();
+  EXPECT(throws([&] { copy.call(dst, {a}, {397}, {0}, {4}); }));
+  EXPECT(throws([&] { copy.call(dst, {a}, {0}, {1021}, {4}); }));
+  EXPECT(throws([&] { copy.call(dst, {a}, {-1}, {0}, {4}); }));
+  EXPECT(throws([&] { copy.call(dst, {a, b}, {0}, {0}, {4}); }));
+  EXPECT(throws([&] { copy.call(dst, {a.view({10, 10}).t()}, {0}, {0}, {4}); }));
+  EXPECT(throws([&] { copy.call(dst, {a, b}, {0, 0}, {0, INT64_MAX - 2}, {4, 8}); }));
+  EXPECT(at::equal(dst, before));
+  // prefault never changes a byte (here: bytes written before it runs).
+  at::Tensor big = fsdp_fastload::alloc(int64_t(9) << 20, at::Device("cpu"), false);
+  big.narrow(0, 0, 1 << 20).fill_(42);
+  prefault.call(big);
+  EXPECT(big.narrow(0, 0, 1 << 20).eq(42).all().item<bool>());
+  EXPECT(!prefault.call(big.narrow(0, 0, 0)));
+}
+
+void test_carve_contiguous_spec() {
+  auto carve = op("fsdp_fastload::carve").typed<std::vector<at::Tensor>(const at::Tensor&, at::IntArrayRef)>();
+  at::Tensor flat = fsdp_fastload::alloc(512, at::Device("cpu"), false);
+  // float32 [2,3] contiguous (ndim -3: sizes only), then int64 [] (ndim -1), then bf16 [0,4]
+  std::vector<int64_t> spec = {6, 0, -3, 2, 3, 4, 64, -1, 11, 128, -3, 0, 4};
+  auto v = carve.call(flat, spec);
+  EXPECT(v.size() == 3);
+  EXPECT(v[0].sizes() == at::IntArrayRef({2, 3}) && v[0].strides() == at::IntArrayRef({3, 1}));
+  EXPECT(v[1].dim() == 0 && v[1].storage_offset() == 8);
+  EXPECT(v[2].numel() == 0 && v[2].strides() == at::IntArrayRef({4, 1}));
+  EXPECT(throws([&] { carve.call(flat, std::vector<int64_t>{6, 0, -70, 1}); }));
+  EXPECT(throws([&] { carve.call(flat, std::vector<int64_t>{6, 0, -3, 2}); }));
+}
+
 int main() {
   test_alloc();
   test_carve_and_poison();
   test_read_ranges();
+  test_copy_ranges_and_prefault();
+  test_carve_contiguous_spec();
   if (failures) {
     std::fprintf(stderr, "%d C++ check(s) failed\n", failures);
     return 1;
