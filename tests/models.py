@@ -60,6 +60,9 @@ __all__ = [
     "logits",
     "spec_for",
     "non_persistent_buffers",
+    "tensors",
+    "tie_groups",
+    "train_losses",
 ]
 
 
@@ -441,6 +444,31 @@ def build_seed_flow(path: str, *, allow_non_meta: bool = False) -> nn.Module:
 def _all_tensors(model: nn.Module):
     yield from model.named_parameters(remove_duplicate=False)
     yield from model.named_buffers(remove_duplicate=False)
+
+
+def tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """name -> tensor for every parameter and buffer name (tied names each listed)."""
+    return dict(_all_tensors(model))
+
+
+def tie_groups(model: nn.Module) -> set[frozenset[str]]:
+    """The sets of names that share one tensor object."""
+    groups: dict[int, set[str]] = {}
+    for n, t in _all_tensors(model):
+        groups.setdefault(id(t), set()).add(n)
+    return {frozenset(g) for g in groups.values()}
+
+
+def train_losses(model: nn.Module, inputs: dict, opt, *, steps: int = 3, backward=None) -> list[float]:
+    """`steps` optimizer steps of causal-LM loss on fixed `inputs`; the loss of each step."""
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        (backward or (lambda t: t.backward()))(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def non_persistent_buffers(model: nn.Module) -> list[tuple[str, torch.dtype]]:

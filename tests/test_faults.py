@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+import models
 from dist_harness import Died, run_ranks
 
 from fsdp_fastload.comm import default_timeout
@@ -43,10 +44,7 @@ def _build(real: bool, dtype=torch.float32) -> nn.Module:
         return FaultNet().to(dtype)
 
 
-def _tensors(model):
-    out = dict(model.named_parameters(remove_duplicate=False))
-    out.update(model.named_buffers(remove_duplicate=False))
-    return out
+_tensors = models.tensors
 
 
 def _snapshot(model):

@@ -34,10 +34,7 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-def _tensors(model):
-    out = dict(model.named_parameters(remove_duplicate=False))
-    out.update(model.named_buffers(remove_duplicate=False))
-    return out
+_tensors = models.tensors
 
 
 def compare_sharded(model, ref, rank, world, *, forward=None) -> list[str]:
@@ -68,13 +65,7 @@ def compare_sharded(model, ref, rank, world, *, forward=None) -> list[str]:
             bad.append(f"{n}: replicated tensor differs")
         if isinstance(w, nn.Parameter) and (not isinstance(g, nn.Parameter) or g.requires_grad != w.requires_grad):
             bad.append(f"{n}: not an nn.Parameter with requires_grad={w.requires_grad}")
-    groups = {}
-    for n, t in got.items():
-        groups.setdefault(id(t), set()).add(n)
-    ref_groups = {}
-    for n, t in want.items():
-        ref_groups.setdefault(id(t), set()).add(n)
-    if {frozenset(v) for v in groups.values()} != {frozenset(v) for v in ref_groups.values()}:
+    if models.tie_groups(model) != models.tie_groups(ref):
         bad.append("tie groups differ")
     # FSDP2's own view: the padded shard it all-gathers is our storage, its tail zeroed.
     from fsdp_fastload.shard import _fsdp_params
@@ -195,30 +186,13 @@ def _train_worker(rank, world, path):
     model = shard_model(models.build_meta(path, dtype=torch.float32), _mesh(world))
     materialize(model, "cpu", state_dict=path if rank == 0 else None)
     model.train()
-    inputs = models.example_inputs(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    losses = []
-    for _ in range(3):
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return models.train_losses(model, models.example_inputs(model), torch.optim.SGD(model.parameters(), lr=0.5))
 
 
 def test_fsdp2_training_steps_match_single_process(ckpts):
     path = ckpts["llama"]
     ref = models.load_reference(path, dtype=torch.float32).train()
-    inputs = models.example_inputs(ref)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
-    want = []
-    for _ in range(3):
-        loss = ref(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        want.append(loss.item())
+    want = models.train_losses(ref, models.example_inputs(ref), torch.optim.SGD(ref.parameters(), lr=0.5))
     for rank, got in enumerate(run_ranks(_train_worker, 2, path)):
         assert got[0] == want[0], f"rank {rank}: first loss {got[0]} != {want[0]}"
         assert got == pytest.approx(want, rel=1e-5), f"rank {rank}: {got} vs {want}"

@@ -39,14 +39,7 @@ def _optimizer(params):
 
 
 def _train(model, inputs, opt, backward=None, steps=STEPS) -> list[float]:
-    losses = []
-    for _ in range(steps):
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        (backward or (lambda t: t.backward()))(loss)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return models.train_losses(model, inputs, opt, steps=steps, backward=backward)
 
 
 def _single_worker(rank, world, path, dtype):
@@ -69,9 +62,7 @@ def _load(rank, path, dtype=None, *, every_rank=False):
 
 def _tensors(model):
     """name -> tensor, under the names of the unwrapped model (activation checkpointing wraps layers)."""
-    out = dict(model.named_parameters(remove_duplicate=False))
-    out.update(model.named_buffers(remove_duplicate=False))
-    return {n.replace("_checkpoint_wrapped_module.", ""): t for n, t in out.items()}
+    return {n.replace("_checkpoint_wrapped_module.", ""): t for n, t in models.tensors(model).items()}
 
 
 # ------------------------------------------------------------------------------------------------

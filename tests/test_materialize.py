@@ -14,17 +14,7 @@ PLAIN = list(models.PLAIN_CASES)
 
 # ------------------------------------------------------------------------------------ comparisons
 
-def _tensors(model):
-    out = dict(model.named_parameters(remove_duplicate=False))
-    out.update(model.named_buffers(remove_duplicate=False))
-    return out
-
-
-def _tie_groups(model):
-    groups: dict[int, set] = {}
-    for n, t in _tensors(model).items():
-        groups.setdefault(id(t), set()).add(n)
-    return {frozenset(g) for g in groups.values()}
+_tensors, _tie_groups = models.tensors, models.tie_groups
 
 
 def compare(model, ref, forward=None) -> list[str]:
