@@ -17,7 +17,8 @@ from .agree import MaterializeError, agree
 from .buffers import POISON, recompute
 from .comm import Broadcasts, pack_all
 from .fill import Packer, broadcast_fill
-from .install import install
+from .install import commit as commit_install
+from .install import prepare as prepare_install
 from .layout import ALIGN, Layout, plan
 from .manifest import Entry, build_manifest, fingerprint, summary
 from .source import CheckpointError, match, open_source
@@ -98,35 +99,26 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
     if unknown:
         raise TypeError(f"materialize() got unknown tuning option(s) {sorted(unknown)}; "
                         f"known: {sorted(_TUNING)}")
-    with _gc_paused() as resume_gc:
+    with _gc_paused():
         return _materialize(module, device, src=src, group=group, state_dict=state_dict, verify=verify,
-                            opts={**_TUNING, **tuning}, resume_gc=resume_gc)
-
-
-GC_PAUSE_MIN = 10_000  # tensors: below this, the collector's own pace costs less than one deferred sweep
+                            opts={**_TUNING, **tuning})
 
 
 @contextlib.contextmanager
 def _gc_paused():
-    """A full collection of a big model's object graph, triggered by the many small objects made
-    here, costs ~0.2 s and frees nothing of ours: defer it until the call returns. Small models
-    call `resume()` after the manifest: the one young-generation sweep a deferred collection costs
-    at the end (~8 ms at 1,443 tensors) is more than the collector spends at its own pace."""
+    """A collection of a big process's object graph (transformers and torch make it large), set off
+    by the many small objects made here, costs 0.1-0.2 s and frees nothing of ours: defer it until
+    the call returns (measured: resuming the collector mid-call made a 1,443-tensor load 4x slower)."""
     enabled = gc.isenabled()
     gc.disable()
-    state = {"paused": enabled}
-
-    def resume() -> None:
-        if state["paused"]:
-            state["paused"] = False
-            gc.enable()
     try:
-        yield resume
+        yield
     finally:
-        resume()
+        if enabled:
+            gc.enable()
 
 
-def _materialize(module, device, *, src, group, state_dict, verify, opts, resume_gc=lambda: None) -> nn.Module:
+def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.Module:
     t_start = time.perf_counter()
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -162,8 +154,6 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, resume
         error = (f"backend '{backend}' cannot broadcast CPU tensors (device={device}). "
                  "Use a gloo process group for CPU targets, or pass a CUDA device.")
     entries = build_manifest(module)
-    if len(entries) < GC_PAUSE_MIN:
-        resume_gc()
     if error is None:
         error = _check_local(entries, is_src=is_src, state_dict=state_dict)
     timeout = opts["timeout"]
@@ -257,29 +247,39 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, resume
     if opts["poison"]:
         ops.poison_(main)
         ops.poison_(wirebuf)
-    targets, part_views, conversions = [], [], []
+    bufs, targets = [], []
     main_off = wire_off = 0
-    for (lay, ents), msize, wsize in zip(parts, main_sizes, wire_sizes):
+    for (lay, _), msize, wsize in zip(parts, main_sizes, wire_sizes):
         m, w = main[main_off:main_off + msize], wirebuf[wire_off:wire_off + wsize]
         main_off, wire_off = main_off + msize, wire_off + wsize
-        views = ops.carve(m, ops.encode_spec([e.dtype for e in ents], lay.final, [e.shape for e in ents]))
-        conv = [i for i, e in enumerate(ents) if lay.wire_dtype[i] is not None and lay.wire_dtype[i] != e.dtype]
-        wire_views = ops.carve(w, ops.encode_spec([lay.wire_dtype[i] for i in conv],
-                                                  [lay.wire[i] - lay.direct for i in conv],
-                                                  [ents[i].shape for i in conv]))
+        bufs.append((m, w))
         targets.append(_target(m, w, lay.direct))
-        part_views.append(views)
-        conversions.append([(views[i], wv) for i, wv in zip(conv, wire_views)])
-    views = part_views[0]
+    part_views, conversions, prepared = [], [], []
+
+    def carve_all() -> None:
+        """All views (and the parameters to install) in a few C++ calls: needs no values, so it runs
+        while the bytes arrive."""
+        for (lay, ents), (m, w) in zip(parts, bufs):
+            views = ops.carve(m, ops.encode_spec([e.dtype for e in ents], lay.final, [e.shape for e in ents]))
+            conv = [i for i, e in enumerate(ents) if lay.wire_dtype[i] not in (None, e.dtype)]
+            wire_views = ops.carve(w, ops.encode_spec([lay.wire_dtype[i] for i in conv],
+                                                      [lay.wire[i] - lay.direct for i in conv],
+                                                      [ents[i].shape for i in conv]))
+            part_views.append(views)
+            conversions.append([(views[i], wv) for i, wv in zip(conv, wire_views)])
+        prepared.extend(prepare_install(rep_entries, part_views[0]))
+
     local = [i for i in range(len(rep_entries)) if layout.wire_dtype[i] is None]
     t_alloc = time.perf_counter()
 
     # 4. fill: bucket by bucket, src packing/reading the next while the current one is in flight.
     packer = Packer([sources[i] for i in rep], layout, read_threads=opts["read_threads"]) if is_src else None
     if distributed:
-        broadcast_fill(targets[0], layout, is_src=is_src, packer=packer, **fill)
+        broadcast_fill(targets[0], layout, is_src=is_src, packer=packer, meanwhile=carve_all, **fill)
     else:
         pack_all(targets[0], layout, packer)
+        carve_all()
+    views = part_views[0]
     per_rank = None
     if shd:
         if is_src:
@@ -320,7 +320,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, resume
         if shd:
             shard.verify_shards([entries[i] for i in shd], part_views[1], geos, per_rank, group=group, src=src,
                                 rank=rank, comm_device=comm_device)
-    install(rep_entries, views)
+    commit_install(rep_entries, prepared)
     if shd:
         shard.install_shards(module, [entries[i] for i in shd], part_views[1], geos, me)
     t_end = time.perf_counter()

@@ -235,11 +235,14 @@ def _progress(total: int) -> Callable[[int, float], None] | None:
 def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: Layout, *, is_src: bool,
                    packer: Packer | None, src: int, group, device: torch.device,
                    max_inflight: int = 4, progress: bool | None = None,
-                   timeout: float | None = None) -> None:
+                   timeout: float | None = None, meanwhile: Callable[[], None] | None = None) -> None:
     """Fill every bucket's `target(a, b)` on every rank with src's bytes (collective).
 
     `target=None` on src means src keeps its own tensors (already on `device`): a bucket inside one
     tensor is sent straight from it, other buckets are packed into two reused staging buffers.
+    `meanwhile` (work that needs no values: carving views, making parameters) runs while bytes
+    arrive: on receivers once their first `max_inflight` receives are posted, on src after its last
+    bucket is posted.
     Failures (see `comm.Broadcasts`): a dead or stuck peer raises MaterializeError on every surviving
     rank within `timeout` seconds per wait (None: `comm.default_timeout`); a read/pack failure on src
     is raised on every rank after the last bucket. Either way nothing was installed.
@@ -272,6 +275,11 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
         sends.send(k, dst)
         if show:
             show(b, t0)
+        if meanwhile is not None and not is_src and k + 1 == min(max_inflight, len(layout.buckets)):
+            meanwhile()
+            meanwhile = None
+    if meanwhile is not None:
+        meanwhile()
     sends.finish()
     if cuda:
         torch.cuda.current_stream(device).synchronize()

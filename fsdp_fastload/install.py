@@ -7,10 +7,12 @@ from torch import nn
 from .manifest import Entry
 
 
-def install(entries: list[Entry], views: list[torch.Tensor]) -> None:
-    """Parameters become `nn.Parameter`s over their views (same `requires_grad`, and the attributes
-    libraries hang on parameters, e.g. transformers' `_is_hf_initialized`); buffers are the views."""
+def prepare(entries: list[Entry], views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The objects to install: `nn.Parameter`s over the views of parameters (same `requires_grad`,
+    and the attributes libraries hang on parameters, e.g. transformers' `_is_hf_initialized`), the
+    views themselves for buffers. Values are not read: this can run while the bytes still arrive."""
     make, param = torch.Tensor._make_subclass, nn.Parameter  # what nn.Parameter(view) does, minus a frame
+    out = []
     for e, v in zip(entries, views):
         if e.kind == "param":
             new = make(param, v, e.requires_grad)
@@ -18,8 +20,19 @@ def install(entries: list[Entry], views: list[torch.Tensor]) -> None:
             if old:
                 for k, val in old.items():
                     new.__dict__.setdefault(k, val)
-            for mod, attr in e.owners:
-                mod._parameters[attr] = new
+            out.append(new)
         else:
-            for mod, attr in e.owners:
-                mod._buffers[attr] = v
+            out.append(v)
+    return out
+
+
+def commit(entries: list[Entry], new: list[torch.Tensor]) -> None:
+    """Swap the prepared objects into their modules; every owner of a tie gets the same object."""
+    for e, t in zip(entries, new):
+        table = "_parameters" if e.kind == "param" else "_buffers"
+        for mod, attr in e.owners:
+            getattr(mod, table)[attr] = t
+
+
+def install(entries: list[Entry], views: list[torch.Tensor]) -> None:
+    commit(entries, prepare(entries, views))
