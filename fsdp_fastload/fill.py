@@ -8,6 +8,7 @@ overlaps NCCL's broadcast of bucket k. gloo and NCCL run the same code.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import sys
 import time
 from typing import Callable
@@ -16,7 +17,7 @@ import torch
 
 from . import ops
 from .comm import Broadcasts
-from .layout import Layout
+from .layout import CROSS_GAP, Layout
 from .source import FileTensor
 
 
@@ -58,16 +59,19 @@ class Packer:
         spans = [(wire_off[i], i) for i in range(len(sources)) if wire_off[i] >= 0 and sources[i] is not None]
         spans.sort()
         starts, ends, kinds, objs, offs, runs = [], [], [], [], [], []
-        run, prev = -1, None
+        self.cross: set[int] = set()  # runs of CPU memory that span several storages
+        run, prev, prev_base = -1, None, None
         for w, i in spans:
             src, wire = sources[i], wire_dtype[i]
+            base = None
             if isinstance(src, torch.Tensor):
                 numel = src.numel()
                 if src.dtype == wire and src.is_contiguous():
                     addr = src.data_ptr()
-                    kind, obj, off, key = _MEM, src, 0, (_MEM, src.get_device(),
-                                                         addr - src.storage_offset() * src.element_size(),
-                                                         addr - w)
+                    base = addr - src.storage_offset() * src.element_size()
+                    kind, obj, off = _MEM, src, 0
+                    # CPU memory: one piece across storages too, over gaps small enough to be mapped
+                    key = (_MEM, -1, addr - w) if src.is_cpu else (_MEM, src.get_device(), base, addr - w)
                 else:
                     kind, obj, off, key = _CONV, src, wire, None
             elif isinstance(src, FileTensor):
@@ -80,9 +84,12 @@ class Packer:
                 numel, kind, obj, off, key = _numel(src), _CONV, src, wire, None
             if not numel:
                 continue
-            if key is None or key != prev:
+            crosses = key is not None and key == prev and base != prev_base
+            if key is None or key != prev or (crosses and w - ends[-1] > CROSS_GAP):
                 run += 1
-            prev = key
+            elif crosses:
+                self.cross.add(run)
+            prev, prev_base = key, base
             starts.append(w)
             ends.append(w + numel * wire.itemsize)
             kinds.append(kind)
@@ -91,6 +98,9 @@ class Packer:
             runs.append(run)
         self.starts, self.ends, self.kinds, self.objs, self.offs, self.runs = starts, ends, kinds, objs, offs, runs
         self.lens = [e - s for s, e in zip(starts, ends)]
+        self.run_end: dict[int, int] = {}  # run -> end of its last span (wire bytes)
+        for r, e in zip(runs, ends):
+            self.run_end[r] = e
         self.non_mem = [0]  # non_mem[j]: spans before j that are not plain memory
         for k in kinds:
             self.non_mem.append(self.non_mem[-1] + (k != _MEM))
@@ -143,6 +153,13 @@ class Packer:
         if piece is None or self.kinds[j0] != _MEM:
             return None
         t = self.objs[j0]
+        run = self.runs[j0]
+        if run in self.cross:  # several storages back to back in CPU memory: the raw address range
+            first = bisect.bisect_left(self.runs, run)
+            if a < self.starts[first] or b > self.run_end[run]:
+                return None
+            addr = t.data_ptr() - self.starts[j0] + a
+            return torch.frombuffer((ctypes.c_char * (b - a)).from_address(addr), dtype=torch.uint8)
         base = t.data_ptr() - t.untyped_storage().data_ptr() - self.starts[j0]  # storage byte of wire 0
         sb = self._storage_bytes(j0)
         lo, hi = a + base, b + base

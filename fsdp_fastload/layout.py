@@ -22,7 +22,12 @@ from .source import FileTensor
 
 ALIGN = 64  # bytes: >= every dtype's itemsize, and a cache line
 RUN_CHUNK = 4  # a run of back-to-back (or one big) tensors goes out in pieces of 4 buckets
-MAX_GAP = 4096  # bytes between two tensors that still count as back to back
+MAX_GAP = 4096  # bytes between two tensors of one storage that still count as back to back
+# Bytes between two CPU tensors of *different* storages that still count as back to back (each tensor
+# of a model mmap-ed from safetensors has a storage of its own, with no byte between them). Any gap
+# under a page between two mapped regions is itself mapped (it touches only their pages), so src can
+# send the whole stretch as one piece; kept small so the receivers' copies of the gaps cost little.
+CROSS_GAP = 512
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,9 @@ def _align(n: int, a: int = ALIGN) -> int:
 
 
 def _runs(entries: list[Entry], sources: list, ids: list[int]) -> list[list[tuple[int, int]]]:
-    """Groups of two or more entries back to back at their source (one storage, or one file), each
-    [(entry, byte address)] in address order; entries alone at their source are left out."""
+    """Groups of two or more entries back to back at their source (one storage, one file, or CPU
+    memory: see CROSS_GAP), each [(entry, byte address)] in address order; entries alone at their
+    source are left out."""
     groups: dict = {}
     for i in ids:
         e, s = entries[i], sources[i]
@@ -71,7 +77,9 @@ def _runs(entries: list[Entry], sources: list, ids: list[int]) -> list[list[tupl
             key, addr = s.path, s.offset
         elif isinstance(s, torch.Tensor) and not s.is_meta and s.is_contiguous():
             addr = s.data_ptr()
-            key = (s.get_device(), addr - s.storage_offset() * s.element_size())
+            base = addr - s.storage_offset() * s.element_size()
+            key = ("cpu",) if s.is_cpu else (s.get_device(), base)
+            addr = (addr, base)
         else:
             continue
         g = groups.get(key)
@@ -85,14 +93,17 @@ def _runs(entries: list[Entry], sources: list, ids: list[int]) -> list[list[tupl
             continue
         g.sort()
         run: list[tuple[int, int]] = []
-        end = None
+        end = prev_base = None
         for addr, i in g:
-            if run and not end <= addr <= end + MAX_GAP:
+            base = None
+            if type(addr) is tuple:
+                addr, base = addr
+            if run and not end <= addr <= end + (MAX_GAP if base == prev_base else CROSS_GAP):
                 if len(run) > 1:
                     runs.append(run)
                 run = []
             run.append((i, addr))
-            end = addr + entries[i].nbytes
+            end, prev_base = addr + entries[i].nbytes, base
         if len(run) > 1:
             runs.append(run)
     return runs

@@ -1,0 +1,103 @@
+"""Layout and packing on src (single process): runs of tensors back to back in CPU memory.
+
+A model mmap-ed from safetensors (what `from_pretrained` gives) has one storage per tensor, the
+tensors back to back in the file's mapping. Such a stretch is one run of the layout and goes out as
+one piece straight from src's memory; wider gaps split it. Every case is checked byte for byte
+against the tensors' own bytes.
+"""
+import pytest
+import torch
+from torch import nn
+
+from fsdp_fastload.fill import Packer
+from fsdp_fastload.layout import CROSS_GAP, plan
+from fsdp_fastload.manifest import build_manifest
+
+
+def _module_over(buf: bytearray, pieces: list[tuple[int, torch.dtype, tuple[int, ...]]]) -> nn.Module:
+    """Parameters whose storages are separate but sit at the given byte offsets of `buf`."""
+    m = nn.Module()
+    for k, (off, dt, shape) in enumerate(pieces):
+        n = 1
+        for d in shape:
+            n *= d
+        t = torch.frombuffer(buf, dtype=dt, count=n, offset=off).view(shape)
+        m.register_parameter(f"p{k}", nn.Parameter(t, requires_grad=False))
+    return m
+
+
+def _wire_bytes(entries, layout, packer) -> dict[int, bytes]:
+    """What src sends for each bucket, via direct_view when one piece, else packed."""
+    out = {}
+    for a, b in layout.buckets:
+        v = packer.direct_view(a, b)
+        if v is None:
+            v = torch.empty(b - a, dtype=torch.uint8)
+            packer.pack(a, b, v)
+        out[a] = bytes(v.numpy())
+    return out
+
+
+def _check_sent(entries, layout, sent: dict[int, bytes]) -> None:
+    wire = bytearray(layout.wire_total)
+    for a, data in sent.items():
+        wire[a:a + len(data)] = data
+    for i, e in enumerate(entries):
+        w = layout.wire[i]
+        got = bytes(wire[w:w + e.nbytes])
+        assert got == bytes(e.tensor.detach().reshape(-1).view(torch.uint8).numpy()), e.names
+
+
+def _plan(entries, bucket=1 << 12):
+    return plan(entries, bucket_size=bucket, direct_min=bucket // 2, wire=[e.dtype for e in entries],
+                sources=[e.tensor for e in entries])
+
+
+def test_back_to_back_storages_are_one_run_sent_in_place():
+    buf = bytearray(torch.randint(0, 256, (1 << 14,), dtype=torch.uint8).numpy().tobytes())
+    # back to back, mixed dtypes, in an order unlike registration order
+    pieces = [(1024, torch.float32, (4, 8)), (0, torch.bfloat16, (512,)), (1152, torch.int64, (3,)),
+              (1176, torch.float16, (7,)), (1190, torch.uint8, (5,))]
+    m = _module_over(buf, pieces)
+    entries = build_manifest(m)
+    assert len({e.tensor.untyped_storage().data_ptr() for e in entries}) == len(entries)
+    layout = _plan(entries)
+    # one run: wire offsets keep the source's relative addresses
+    base = entries[1].tensor.data_ptr() - layout.wire[1]
+    assert all(e.tensor.data_ptr() - layout.wire[i] == base for i, e in enumerate(entries))
+    packer = Packer([e.tensor for e in entries], layout)
+    assert len(layout.buckets) == 1
+    a, b = layout.buckets[0]
+    view = packer.direct_view(a, b)
+    assert view is not None and view.data_ptr() == entries[1].tensor.data_ptr() + a - layout.wire[1]
+    _check_sent(entries, layout, _wire_bytes(entries, layout, packer))
+
+
+def test_wide_gaps_split_runs_and_pack_the_same_bytes():
+    buf = bytearray(torch.randint(0, 256, (1 << 15,), dtype=torch.uint8).numpy().tobytes())
+    gap = CROSS_GAP + 64
+    pieces = [(0, torch.float32, (16,)), (64, torch.float32, (16,)),  # a run of two
+              (128 + gap, torch.float32, (16,)), (192 + gap, torch.float32, (16,)),  # another run
+              (4096 + 256 + gap, torch.bfloat16, (8,))]  # alone
+    m = _module_over(buf, pieces)
+    entries = build_manifest(m)
+    layout = _plan(entries)
+    d = [e.tensor.data_ptr() - layout.wire[i] for i, e in enumerate(entries)]
+    assert d[0] == d[1] and d[2] == d[3] and layout.wire[2] - layout.wire[1] < gap  # no gap carried
+    packer = Packer([e.tensor for e in entries], layout)
+    _check_sent(entries, layout, _wire_bytes(entries, layout, packer))
+    # a bucket that straddles two runs is never sent as one raw piece
+    wide = (layout.wire[0], layout.wire[3] + entries[3].nbytes)
+    assert packer.direct_view(*wide) is None
+
+
+@pytest.mark.parametrize("bucket", [64, 256, 1 << 12])
+def test_long_run_in_buckets(bucket):
+    buf = bytearray(torch.randint(0, 256, (1 << 15,), dtype=torch.uint8).numpy().tobytes())
+    pieces = [(k * 100, torch.float16, (50,)) for k in range(100)]
+    m = _module_over(buf, pieces)
+    entries = build_manifest(m)
+    layout = _plan(entries, bucket)
+    packer = Packer([e.tensor for e in entries], layout)
+    assert all(packer.direct_view(a, b) is not None for a, b in layout.buckets)
+    _check_sent(entries, layout, _wire_bytes(entries, layout, packer))
