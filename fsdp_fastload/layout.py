@@ -136,7 +136,8 @@ def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
             placed.add(i)
         last_i, last_a = run[-1]
         off = base + last_a - start_addr + entries[last_i].nbytes
-        spans.append((final[run[0][0]], off, True))
+        start = final[run[0][0]]
+        spans.append((start, off, off - start >= direct_min))  # a short run is packed with its neighbours
     mask = ALIGN - 1
     for i in direct_ids:
         if i in placed:
@@ -166,7 +167,7 @@ def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
 
 
 def _buckets(spans: list[tuple[int, int, bool]], size: int) -> list[tuple[int, int]]:
-    """Byte ranges to broadcast. A run (or a tensor of at least `direct_min` bytes) gets buckets of
+    """Byte ranges to broadcast. A run (or a tensor) of at least `direct_min` bytes gets buckets of
     its own, pieces of up to RUN_CHUNK buckets that src sends from where they live; runs of smaller
     tensors share a bucket of at most `size` bytes, which src packs."""
     out: list[tuple[int, int]] = []
