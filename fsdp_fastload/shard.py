@@ -34,6 +34,7 @@ class Geometry:
 
     slot_numel: int  # elements per rank's slot: the largest local shard (FSDP2's padded shard)
     boxes: tuple  # per group rank index: (local shape, global offset per dim)
+    me: int = 0  # this rank's index in the group
 
 
 def _box(shape: tuple, mesh_shape: tuple, coord: tuple, placements) -> tuple[tuple, tuple]:
@@ -57,46 +58,63 @@ def geometry(e: Entry, group_ranks: list[int], cache: dict) -> Geometry | str:
     local shard's shape is checked on every entry, and once per (mesh, placements) against torch's
     own `compute_local_shape_and_global_offset`. `cache` is shared by one call's entries.
     """
+    t = e.tensor
+    name = e.names[0]
+    placements = t.placements
+    mesh = t.device_mesh
+    key = ("geo", id(mesh), e.shape, tuple(map(str, placements)))
+    got = cache.get(key)
+    if got is None:
+        got = cache[key] = _geometry(e.shape, mesh, placements, group_ranks, cache)
+    if isinstance(got, str):
+        return got.replace("{name}", name)
+    mine = got.boxes[got.me]
+    if tuple(t._local_tensor.shape) != mine[0]:
+        return (f"not supported: '{name}' has a local shard of shape {tuple(t._local_tensor.shape)}, but "
+                f"torch.chunk placement gives {mine[0]} at offset {mine[1]} (placements {placements}). "
+                "Materialize the model before sharding it this way.")
+    return got
+
+
+def _geometry(shape: tuple, mesh, placements, group_ranks: list[int], cache: dict) -> Geometry | str:
+    """The boxes of one (global shape, mesh, placements), shared by every entry that has them
+    (a model's layers repeat a handful of shapes); a message with '{name}' if not supported."""
     from torch.distributed.tensor import Replicate, Shard
 
     from .manifest import mesh_grid
 
-    t = e.tensor
-    name = e.names[0]
-    odd = [str(p) for p in t.placements if type(p) not in (Shard, Replicate)]
+    odd = [repr(p) for p in placements if type(p) not in (Shard, Replicate)]
     if odd:
-        return (f"not supported: '{name}' is a DTensor with placements {odd} (only Shard and Replicate). "
-                "Materialize the model before applying this parallelism, or use Shard/Replicate.")
-    mesh = t.device_mesh
-    shape, ranks = mesh_grid(mesh, cache)
+        return ("not supported: '{name}' is a DTensor with placements " + str(odd) + " (only Shard and "
+                "Replicate). Materialize the model before applying this parallelism, or use Shard/Replicate.")
+    mesh_shape, ranks = mesh_grid(mesh, cache)
     if sorted(ranks) != sorted(group_ranks):
-        return (f"not supported: '{name}' lives on a device mesh of ranks {ranks[:8]} but materialize runs "
+        return (f"not supported: '{{name}}' lives on a device mesh of ranks {ranks[:8]} but materialize runs "
                 f"over the group of ranks {group_ranks[:8]}. Pass group= covering exactly the mesh's ranks.")
     coords = cache.get(("coords", id(mesh)))
     if coords is None:
         coords = cache[("coords", id(mesh))] = {}
         for flat_i, r in enumerate(ranks):
             c, rest = [], flat_i
-            for n in reversed(shape):
+            for n in reversed(mesh_shape):
                 c.append(rest % n)
                 rest //= n
             coords[r] = tuple(reversed(c))
-    boxes = tuple(_box(e.shape, shape, coords[r], t.placements) for r in group_ranks)
-    mine = boxes[group_ranks.index(dist.get_rank())]
-    ok = tuple(t._local_tensor.shape) == mine[0]
-    key = ("checked", id(mesh), tuple(t.placements))
-    if ok and key not in cache:
+    boxes = tuple(_box(shape, mesh_shape, coords[r], placements) for r in group_ranks)
+    me = group_ranks.index(dist.get_rank())
+    key = ("checked", id(mesh), tuple(placements))
+    if key not in cache:  # our chunk arithmetic against torch's own, once per (mesh, placements)
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        want = compute_local_shape_and_global_offset(e.shape, mesh, t.placements)
-        ok = (tuple(want[0]), tuple(want[1])) == (tuple(mine[0]), tuple(mine[1]))
+        want = compute_local_shape_and_global_offset(shape, mesh, placements)
+        if (tuple(want[0]), tuple(want[1])) != (tuple(boxes[me][0]), tuple(boxes[me][1])):
+            return (f"not supported: '{{name}}': torch places its local shard at {tuple(want[0])}, offset "
+                    f"{tuple(want[1])}, but torch.chunk placement gives {boxes[me][0]} at offset "
+                    f"{boxes[me][1]} (placements {placements}). Materialize the model before sharding "
+                    "it this way.")
         cache[key] = True
-    if not ok:
-        return (f"not supported: '{name}' has a local shard of shape {tuple(t._local_tensor.shape)}, but "
-                f"torch.chunk placement gives {mine[0]} at offset {mine[1]} (placements {t.placements}). "
-                "Materialize the model before sharding it this way.")
     slot = max((_numel(s) for s, _ in boxes), default=0)
-    return Geometry(slot_numel=slot, boxes=boxes)
+    return Geometry(slot_numel=slot, boxes=boxes, me=me)
 
 
 def _numel(shape) -> int:

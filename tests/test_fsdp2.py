@@ -213,3 +213,28 @@ def test_sharded_model_without_state_dict_raises_on_every_rank():
     for rank, msg in enumerate(run_ranks(_src_model_worker, 2)):
         assert "rank 0:" in msg and "DTensor" in msg and "state_dict=" in msg, msg
         assert f"this is rank {rank}" in msg
+
+
+def _partial_worker(rank, world):
+    from torch.distributed.tensor import DTensor, Partial
+
+    from fsdp_fastload import MaterializeError, materialize
+
+    mesh = _mesh(world)
+    ref = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    for lin in model:  # both weights share one (shape, placements): the message names the first
+        lin.weight = nn.Parameter(DTensor.from_local(torch.empty(4, 4, device="meta"), mesh, [Partial()],
+                                                     run_check=False))
+    try:
+        materialize(model, "cpu", state_dict=dict(ref.state_dict()) if rank == 0 else None)
+    except MaterializeError as e:
+        return str(e), all(p.is_meta for p in model.parameters())
+    return "no error", False
+
+
+def test_unsupported_placement_raises_on_every_rank():
+    for rank, (msg, still_meta) in enumerate(run_ranks(_partial_worker, 2)):
+        assert "not supported: '0.weight' is a DTensor with placements" in msg and "Partial" in msg, msg
+        assert f"this is rank {rank}" in msg and still_meta, msg
