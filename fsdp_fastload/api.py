@@ -281,6 +281,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         carve_all()
     views = part_views[0]
     per_rank = None
+    shd_prepared: list = []
     if shd:
         if is_src:
             per_rank = [shard.local_sources(sources[i], entries[i], g, read_threads=opts["read_threads"])
@@ -289,8 +290,12 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                        for r in range(len(ranks))]
         sends = Broadcasts(shd_layout, src=src, group=group, device=device, op="scatter",
                            max_inflight=opts["max_inflight"], timeout=timeout)
+        shd_entries = [entries[i] for i in shd]
         shard.scatter_fill(targets[1], shd_layout, is_src=is_src, packers=packers if is_src else None,
-                           src=src, group=group, device=device, sends=sends, progress=opts["progress"])
+                           src=src, group=group, device=device, sends=sends, progress=opts["progress"],
+                           max_inflight=opts["max_inflight"],
+                           meanwhile=lambda: shd_prepared.extend(shard.prepare_shards(
+                               module, shd_entries, part_views[1], geos, ranks.index(rank))))
     for pairs in conversions:
         for v, w in pairs:
             v.copy_(w)  # "send bf16, upcast after": the module's dtype wins
@@ -322,7 +327,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                                 rank=rank, comm_device=comm_device)
     commit_install(rep_entries, prepared)
     if shd:
-        shard.install_shards(module, [entries[i] for i in shd], part_views[1], geos, me)
+        shard.install_shards(shd_entries, part_views[1], shd_prepared)
     t_end = time.perf_counter()
 
     _log(rank=rank, is_src=is_src, entries=entries, layouts=[lay for lay, _ in parts], device=device,

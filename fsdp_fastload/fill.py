@@ -279,6 +279,7 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
         staging = [ops.alloc(biggest, "cpu", pin_memory=True) for _ in range(2)]
     show = _progress(layout.wire_total) if is_src and progress is not False else None
     t0 = time.perf_counter()
+    failed = None
     for k, (a, b) in enumerate(layout.buckets):
         dst = target(a, b)
         if is_src and sends.error is None:
@@ -293,13 +294,25 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
         if show:
             show(b, t0)
         if meanwhile is not None and not is_src and k + 1 == min(max_inflight, len(layout.buckets)):
-            meanwhile()
+            failed = run_meanwhile(meanwhile)
             meanwhile = None
     if meanwhile is not None:
-        meanwhile()
+        failed = run_meanwhile(meanwhile)
     sends.finish()
     if cuda:
         torch.cuda.current_stream(device).synchronize()
+    if failed is not None:
+        raise failed
+
+
+def run_meanwhile(fn: Callable[[], None]) -> Exception | None:
+    """Run work that overlaps the transfer; a failure is returned, to be raised once this rank has
+    taken part in every remaining collective (raising mid-loop would leave the peers waiting)."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return e
+    return None
 
 
 def _pack_cuda(dst, a, b, packer, stage, events, slot, copy_stream, device) -> None:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .fill import _progress
+from .fill import _progress, run_meanwhile
 from .layout import Layout
 from .manifest import Entry
 from .source import FileTensor
@@ -198,12 +198,15 @@ def slot_entries(entries: list[Entry], geos: list[Geometry]) -> list[Entry]:
 
 def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, is_src: bool,
                  packers: list | None, src: int, group, device: torch.device, sends,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, max_inflight: int = 4,
+                 meanwhile: Callable[[], None] | None = None) -> None:
     """Fill bucket k's `target(a, b)` on every rank with its own bytes of [a, b) (one scatter each).
 
     On src, `packers[i]` writes group rank i's bytes: the other ranks' pieces go into one of two
     reused staging buffers, so packing bucket k+1 overlaps scattering bucket k; on a CPU target
     src's own piece is packed straight into its final storage (which is also its scatter input).
+    `meanwhile` (work that needs no values) runs on receivers once their first `max_inflight`
+    scatters are posted, on src after its last one.
     """
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
     world, me = len(ranks), ranks.index(src)
@@ -215,6 +218,7 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
     used: list = [None, None]  # the scatter that last read each staging buffer
     show = _progress(layout.wire_total * world) if is_src and progress is not False else None
     t0 = time.perf_counter()
+    failed = None
     for k, (a, b) in enumerate(layout.buckets):
         out = target(a, b)
         pieces = None
@@ -247,9 +251,16 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
             used[k % 2] = sent
         if show:
             show(b * world, t0)
+        if meanwhile is not None and not is_src and k + 1 == min(max_inflight, len(layout.buckets)):
+            failed = run_meanwhile(meanwhile)
+            meanwhile = None
+    if meanwhile is not None:
+        failed = run_meanwhile(meanwhile)
     sends.finish()
     if cuda:
         torch.cuda.current_stream(device).synchronize()
+    if failed is not None:
+        raise failed
 
 
 def zero_padding(views: list[torch.Tensor], entries: list[Entry], geos: list[Geometry], me: int) -> None:
@@ -278,12 +289,14 @@ def _fsdp_params(module: nn.Module) -> dict[int, object]:
     return out
 
 
-def install_shards(module: nn.Module, entries: list[Entry], slots: list[torch.Tensor],
-                   geos: list[Geometry], me: int) -> None:
-    """Swap in DTensor parameters over the local views; FSDP2 keeps the padded slot as its storage."""
+def prepare_shards(module: nn.Module, entries: list[Entry], slots: list[torch.Tensor],
+                   geos: list[Geometry], me: int) -> list[tuple]:
+    """The DTensor parameters over the local views, and FSDP2's state for each (checked), made
+    while the bytes arrive: nothing here reads a value or changes the module."""
     from torch.distributed.tensor import DTensor
 
     fsdp = _fsdp_params(module)
+    out = []
     for e, slot, g in zip(entries, slots, geos):
         old = e.tensor
         shape = g.boxes[me][0]
@@ -295,14 +308,21 @@ def install_shards(module: nn.Module, entries: list[Entry], slots: list[torch.Te
             new._is_param = True
         for k, val in getattr(old, "__dict__", {}).items():
             new.__dict__.setdefault(k, val)
+        fp = fsdp.get(id(old))
+        if fp is not None and _numel(fp.padded_sharded_param_size) != slot.numel():
+            raise RuntimeError(f"fsdp_fastload: FSDP2 pads '{e.names[0]}' to "
+                               f"{tuple(fp.padded_sharded_param_size)} but its slot holds {slot.numel()} "
+                               "elements; please report this with your torch version.")
+        out.append((new, fp))
+    return out
+
+
+def install_shards(entries: list[Entry], slots: list[torch.Tensor], prepared: list[tuple]) -> None:
+    """Swap in the prepared DTensor parameters; FSDP2 keeps the padded slot as its storage."""
+    for e, slot, (new, fp) in zip(entries, slots, prepared):
         for mod, attr in e.owners:
             (mod._parameters if e.kind == "param" else mod._buffers)[attr] = new
-        fp = fsdp.get(id(old))
         if fp is not None:
-            if _numel(fp.padded_sharded_param_size) != slot.numel():
-                raise RuntimeError(f"fsdp_fastload: FSDP2 pads '{e.names[0]}' to "
-                                   f"{tuple(fp.padded_sharded_param_size)} but its slot holds {slot.numel()} "
-                                   "elements; please report this with your torch version.")
             fp._sharded_param_data = slot.view(-1)  # the padded shard: same storage, so no re-pad copy
             fp.sharded_param = new
             fp.reset_sharded_param()
