@@ -225,7 +225,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     if kept:
         t_alloc = time.perf_counter()
         if distributed:
-            packer = Packer(sources, layout, read_threads=opts["read_threads"])
+            packer = Packer(sources, layout, read_threads=opts["read_threads"],
+                            names=[e.names[0] for e in entries])
             broadcast_fill(None, layout, is_src=True, packer=packer, **fill)
         t_fill = time.perf_counter()
         if verify and distributed:
@@ -273,7 +274,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     t_alloc = time.perf_counter()
 
     # 4. fill: bucket by bucket, src packing/reading the next while the current one is in flight.
-    packer = Packer([sources[i] for i in rep], layout, read_threads=opts["read_threads"]) if is_src else None
+    packer = (Packer([sources[i] for i in rep], layout, read_threads=opts["read_threads"],
+                     names=[e.names[0] for e in rep_entries]) if is_src else None)
     if distributed:
         broadcast_fill(targets[0], layout, is_src=is_src, packer=packer, meanwhile=carve_all, **fill)
     else:
@@ -286,8 +288,9 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         if is_src:
             per_rank = [shard.local_sources(sources[i], entries[i], g, read_threads=opts["read_threads"])
                         for i, g in zip(shd, geos)]
-            packers = [Packer([p[r] for p in per_rank], shd_layout, read_threads=opts["read_threads"])
-                       for r in range(len(ranks))]
+            shd_names = [entries[i].names[0] for i in shd]
+            packers = [Packer([p[r] for p in per_rank], shd_layout, read_threads=opts["read_threads"],
+                              names=shd_names) for r in range(len(ranks))]
         sends = Broadcasts(shd_layout, src=src, group=group, device=device, op="scatter",
                            max_inflight=opts["max_inflight"], timeout=timeout)
         shd_entries = [entries[i] for i in shd]

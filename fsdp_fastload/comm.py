@@ -97,12 +97,13 @@ class Broadcasts:
             raise self._comm_error(sent.bucket, e, time.perf_counter() - t0) from e
         sent.done = True
 
-    def fail(self, k: int, exc: BaseException) -> None:
-        """src could not pack bucket k: remember why; the broadcasts go on (see `finish`)."""
+    def fail(self, k: int, exc: BaseException, what: str = "") -> None:
+        """src could not pack bucket k (`what`: its tensors): remember why; the broadcasts go on (see
+        `finish`)."""
         a, b = self.layout.buckets[k]
         self.error = (
             f"src could not read/pack bucket {k + 1} of {len(self.layout.buckets)} (bytes [{a}, {b}) of "
-            f"{self.layout.wire_total}): {_sentence(exc)} If a checkpoint file changed after "
+            f"{self.layout.wire_total}{what}): {_sentence(exc)} If a checkpoint file changed after "
             "materialize read its header (truncated, rewritten, a failing disk), restore it and retry. "
             "Nothing was installed on any rank.")
 
@@ -138,7 +139,7 @@ def pack_all(target, layout: Layout, packer) -> None:
         except Exception as e:  # noqa: BLE001  (any failure here is src's, named below)
             raise MaterializeError(
                 f"fsdp_fastload.materialize: could not read/pack bucket {k + 1} of {len(layout.buckets)} "
-                f"(bytes [{a}, {b})): {_sentence(e)} Check that the checkpoint is complete and "
+                f"(bytes [{a}, {b}){packer.describe(a, b)}): {_sentence(e)} Check that the checkpoint is complete and "
                 "unchanged; the module was left as it was.") from e
 
 

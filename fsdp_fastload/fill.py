@@ -53,12 +53,13 @@ class Packer:
     their arguments sliced out of per-span lists, never a Python loop of copies.
     """
 
-    def __init__(self, sources: list, layout: Layout, *, read_threads: int = 4):
+    def __init__(self, sources: list, layout: Layout, *, read_threads: int = 4, names: list | None = None):
         self.read_threads = read_threads
+        self.names = names  # per source: the tensor's name, for error messages
         wire_off, wire_dtype = layout.wire, layout.wire_dtype
         spans = [(wire_off[i], i) for i in range(len(sources)) if wire_off[i] >= 0 and sources[i] is not None]
         spans.sort()
-        starts, ends, kinds, objs, offs, runs = [], [], [], [], [], []
+        starts, ends, kinds, objs, offs, runs, ids = [], [], [], [], [], [], []
         self.cross: set[int] = set()  # runs of CPU memory that span several storages
         run, prev, prev_base = -1, None, None
         for w, i in spans:
@@ -96,7 +97,9 @@ class Packer:
             objs.append(obj)
             offs.append(off)
             runs.append(run)
+            ids.append(i)
         self.starts, self.ends, self.kinds, self.objs, self.offs, self.runs = starts, ends, kinds, objs, offs, runs
+        self.ids = ids
         self.lens = [e - s for s, e in zip(starts, ends)]
         self.run_end: dict[int, int] = {}  # run -> end of its last span (wire bytes)
         for r, e in zip(runs, ends):
@@ -107,6 +110,15 @@ class Packer:
         self.converted: dict[int, torch.Tensor] = {}
         self.storages: dict[tuple, torch.Tensor] = {}
         self.wrote_host = False
+
+    def describe(self, a: int, b: int) -> str:
+        """The tensors whose bytes lie in [a, b), for an error message ('' without names)."""
+        if not self.names:
+            return ""
+        j0, j1 = self._span_range(a, b)
+        got = [repr(self.names[self.ids[j]]) for j in range(j0, min(j1, j0 + 5))]
+        more = f" and {j1 - j0 - len(got)} more" if j1 - j0 > len(got) else ""
+        return f"; tensor{'s' if j1 - j0 > 1 else ''} {', '.join(got)}{more}" if got else ""
 
     def _span_range(self, a: int, b: int) -> tuple[int, int]:
         return bisect.bisect_right(self.ends, a), bisect.bisect_left(self.starts, b)
@@ -289,7 +301,7 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
                 else:
                     packer.pack(a, b, dst)
             except Exception as e:  # noqa: BLE001  src keeps sending; every rank raises it in finish()
-                sends.fail(k, e)
+                sends.fail(k, e, packer.describe(a, b))
         sends.send(k, dst)
         if show:
             show(b, t0)
@@ -352,7 +364,7 @@ def _send_kept(layout: Layout, packer: Packer, sends: Broadcasts, *, device, pro
                 try:
                     packer.pack(a, b, buf)
                 except Exception as e:  # noqa: BLE001  src keeps sending; every rank raises it in finish()
-                    sends.fail(k, e)
+                    sends.fail(k, e, packer.describe(a, b))
         sent = sends.send(k, buf)
         if slot is not None:
             slot_sent[slot] = sent

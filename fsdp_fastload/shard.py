@@ -245,7 +245,7 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
                         copied[slot] = torch.cuda.Event()
                         copied[slot].record()
                 except Exception as e:  # noqa: BLE001  src keeps sending; every rank raises it in finish()
-                    sends.fail(k, e)
+                    sends.fail(k, e, packers[0].describe(a, b))
         sent = sends.send(k, out, scatter_list=pieces)
         if is_src:
             used[k % 2] = sent

@@ -252,7 +252,8 @@ def test_checkpoint_truncated_after_header_check_raises_on_every_rank(ckpt, tmp_
             path = files[name][0]
             # fp32: the bucket's read_ranges fails; bf16: src's whole-tensor read for conversion fails.
             pattern = (rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank 0: src "
-                       rf"could not read/pack bucket (\d+) of (\d+) \(bytes \[\d+, \d+\) of \d+\): RuntimeError: "
+                       rf"could not read/pack bucket (\d+) of (\d+) \(bytes \[\d+, \d+\) of \d+; "
+                       rf"tensors? '[\w.]+'(, '[\w.]+')*( and \d+ more)?\): RuntimeError: "
                        rf"fsdp_fastload read_ranges: range \d+ reads bytes \[\d+, \d+\) past the end of "
                        rf"{re.escape(path)} \({size // 2} bytes\)\. The file is truncated or its header lies\. "
                        r"If a checkpoint file changed after materialize read its header \(truncated, rewritten, "
@@ -273,7 +274,7 @@ def test_truncated_checkpoint_without_process_group(ckpt, tmp_path, monkeypatch)
     model = _build(real=False)
     before = _snapshot(model)
     with pytest.raises(MaterializeError, match=rf"^fsdp_fastload\.materialize: could not read/pack bucket \d+ "
-                       rf"of \d+ \(bytes \[\d+, \d+\)\): RuntimeError: fsdp_fastload read_ranges: .* past the end "
+                       rf"of \d+ \(bytes \[\d+, \d+\); tensors? '[\w.]+'.*\): RuntimeError: fsdp_fastload read_ranges: .* past the end "
                        rf"of {re.escape(path)} .*Check that the checkpoint is complete and unchanged; the "
                        r"module was left as it was\.$"):
         materialize(model, "cpu", state_dict=path, bucket_size=BUCKET)
