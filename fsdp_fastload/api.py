@@ -21,7 +21,7 @@ from .install import commit as commit_install
 from .install import prepare as prepare_install
 from .layout import ALIGN, Layout, plan
 from .manifest import Entry, build_manifest, fingerprint, summary
-from .source import CheckpointError, match, open_source
+from .source import CheckpointError, hf_renamed, match, open_source
 from .verify import verify as _verify
 
 logger = logging.getLogger("fsdp_fastload")
@@ -55,7 +55,7 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
        passes ``state_dict=None`` and a ``module`` of the same architecture, usually on ``meta``.
     2. Afterwards, on every rank: every parameter and buffer is on ``device`` and bit-identical to
        what single-process loading gives; ties are one object under every name; ``nn.Parameter``
-       and ``requires_grad`` kept; the module's dtypes win over the checkpoint's.
+       kept, ``requires_grad`` as on src; the module's dtypes win over the checkpoint's.
     3. Non-persistent buffers come from src when it has them; otherwise every rank recomputes them
        locally (transformers ``_init_weights``, the module's ``reset_parameters``/``init_weights``,
        or ``buffer_init``) without touching anything loaded. A buffer nobody wrote is an error.
@@ -172,7 +172,14 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     src_plan = None
     if error is None and is_src and state_dict is not None:
         try:
-            src_plan, error = match(entries, open_source(state_dict), strict=opts["strict"])
+            source = open_source(state_dict)
+            src_plan, error = match(entries, source, strict=opts["strict"])
+            if error is not None:  # keys transformers renames on load (embed_out -> lm_head, ...)?
+                renamed = hf_renamed(module, source, {n for e in entries for n in e.names})
+                if renamed is not None and renamed.keys() != source.keys():
+                    plan2, error2 = match(entries, renamed, strict=opts["strict"])
+                    if error2 is None:
+                        src_plan, error = plan2, None
         except CheckpointError as e:
             error = str(e)
         if src_plan is not None and src_plan.unexpected:
@@ -205,7 +212,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         if nbytes >= PREFAULT_MIN:
             prefaulting = ops.Prefault(early)
     if distributed:
-        encoded = _encode(layout, shd_layout)
+        encoded = _encode(layout, shd_layout, entries)
         n = agree(group=group, src=src, rank=rank, comm_device=comm_device,
                   fp=fp, summary=lambda: summary(entries), error=error,
                   extra=len(encoded))
@@ -214,7 +221,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         shipped = shipped.to(comm_device)
         dist.broadcast(shipped, src=src, group=group)
         if not is_src:
-            layout, shd_layout = _decode(shipped.tolist())
+            layout, shd_layout = _decode(shipped.tolist(), entries)
     elif error:
         raise MaterializeError(f"fsdp_fastload.materialize: {error}")
     t_agree = time.perf_counter()
@@ -355,16 +362,21 @@ def _target(main: torch.Tensor, wirebuf: torch.Tensor, direct: int):
     return target
 
 
-def _encode(layout: Layout | None, shd_layout: Layout | None) -> list[int]:
+def _encode(layout: Layout | None, shd_layout: Layout | None, entries: list[Entry]) -> list[int]:
+    """src's plan for the receivers: both layouts, then src's `requires_grad` per entry."""
     if layout is None:
         return []
     rep = layout.encode()
-    return [len(rep), *rep, *(shd_layout.encode() if shd_layout is not None else [])]
+    shd = shd_layout.encode() if shd_layout is not None else []
+    return [len(rep), len(shd), *rep, *shd, *(e.requires_grad for e in entries)]
 
 
-def _decode(v: list[int]) -> tuple[Layout, Layout | None]:
-    n = v[0]
-    return Layout.decode(v[1:1 + n]), (Layout.decode(v[1 + n:]) if len(v) > 1 + n else None)
+def _decode(v: list[int], entries: list[Entry]) -> tuple[Layout, Layout | None]:
+    """Inverse of `_encode`; every entry takes src's `requires_grad` (the fingerprint leaves it out)."""
+    n, m = v[0], v[1]
+    for e, flag in zip(entries, v[2 + n + m:]):
+        e.requires_grad = bool(flag)
+    return Layout.decode(v[2:2 + n]), (Layout.decode(v[2 + n:2 + n + m]) if m else None)
 
 
 def _auto_bucket(total: int) -> int:

@@ -44,9 +44,12 @@ class Entry:
         return f"Entry({self.names}, {self.kind}, {self.dtype}, {list(self.shape)})"
 
     def describe(self) -> tuple:
-        """What must agree across ranks (no local state: device, values, storage)."""
+        """What must agree across ranks (no local state: device, values, storage). Not
+        `requires_grad`: every rank takes src's (it ships with the layout), since a model loaded by
+        `from_pretrained` and the same architecture built on meta may differ in it (transformers 5
+        drops `requires_grad=False` on load, e.g. Whisper's sinusoidal positions)."""
         return (tuple(self.names), self.kind, self.persistent, str(self.dtype), self.shape,
-                self.requires_grad, self.cls, self.placement)
+                self.cls, self.placement)
 
 
 def mesh_grid(mesh, cache: dict) -> tuple[tuple[int, ...], list[int]]:
@@ -125,7 +128,7 @@ def fingerprint(entries: list[Entry], extra: tuple = ()) -> int:
     h = hashlib.blake2b(repr(extra).encode(), digest_size=8)
     h.update("\x00".join([n for e in entries for n in e.names]).encode())
     cls = _CLS
-    flat = chain.from_iterable((e.kind == "param", e.persistent, DTYPE_CODE[e.dtype], e.requires_grad,
+    flat = chain.from_iterable((e.kind == "param", e.persistent, DTYPE_CODE[e.dtype],
                                 cls.get(e.cls, 2), len(e.names), len(e.shape), *e.shape) for e in entries)
     h.update(array.array("q", flat).tobytes())
     rare = [(i, e.cls, e.placement) for i, e in enumerate(entries) if e.cls not in cls or e.placement]
@@ -133,7 +136,7 @@ def fingerprint(entries: list[Entry], extra: tuple = ()) -> int:
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
-_FIELDS = ("kind", "persistent", "dtype", "shape", "requires_grad", "class", "placement")
+_FIELDS = ("kind", "persistent", "dtype", "shape", "class", "placement")
 
 
 def first_difference(ref: list[tuple], ref_rank: int, other: list[tuple], other_rank: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -215,3 +216,38 @@ def match(entries, source: dict, *, strict: bool) -> tuple[Plan | None, str | No
     if problems:
         return None, "; ".join(problems[:5])
     return Plan(sources=sources, wire=wire, unexpected=unexpected), None
+
+
+def hf_renamed(module, source: dict, names: set[str]) -> dict | None:
+    """`source` under the names transformers' `from_pretrained` would give its keys, or None.
+
+    transformers (>= 5) renames some architectures' checkpoint keys when it loads them (GPT-NeoX's
+    `embed_out` is `lm_head`, ViT's layers were renamed, a base model's checkpoint loads into a
+    `...ForCausalLM` under its `base_model_prefix`), and `save_pretrained` writes the old names back.
+    This applies the same `WeightRenaming`s and prefix rule to the keys (no data is touched). Keys
+    that need a `WeightConverter` (several tensors fused into one, as MoE experts) keep their names,
+    so they stay unmatched and the caller's error says to use the src-model flow. None when
+    `module` is not a transformers model or two keys would land on one name.
+    """
+    tf = sys.modules.get("transformers")  # not imported: `module` cannot be a transformers model
+    if tf is None or not isinstance(module, getattr(tf, "PreTrainedModel", ())):
+        return None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(module)
+    except Exception:  # noqa: BLE001  an older or newer transformers without this machinery
+        return None
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    known = dict.fromkeys(names, True)
+    out: dict = {}
+    for key, value in source.items():
+        new, converter = rename_source_key(key, renamings, converters, module.base_model_prefix, known)
+        if converter is not None or (new not in known and key in known):
+            new = key
+        if new in out:
+            return None
+        out[new] = value
+    return out

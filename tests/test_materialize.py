@@ -402,3 +402,28 @@ def _prefault_worker(rank, world, estimate_too_small):
 @pytest.mark.parametrize("estimate_too_small", [False, True])
 def test_receivers_prefaulted_buffer(estimate_too_small):
     assert run_ranks(_prefault_worker, 2, estimate_too_small) == [[], []]
+
+
+def _requires_grad_worker(rank, world, state_dict_flow):
+    """Receivers' skeletons freeze what src trains and the reverse (transformers 5 does this: a
+    `from_pretrained` model loses `requires_grad=False` that the same model built on meta keeps)."""
+    from fsdp_fastload import materialize
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    ref[0].weight.requires_grad_(False)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    if rank == 0 and not state_dict_flow:
+        model = ref
+    elif rank > 0:  # the opposite flags to src's
+        model[1].weight.requires_grad_(False)
+    if state_dict_flow and rank == 0:
+        model[0].weight.requires_grad_(False)
+    materialize(model, "cpu", state_dict=dict(ref.state_dict()) if (state_dict_flow and rank == 0) else None)
+    return compare(model, ref, forward=lambda m: m(torch.ones(2, 4)).detach())
+
+
+@pytest.mark.parametrize("state_dict_flow", [False, True])
+def test_requires_grad_follows_src(state_dict_flow):
+    assert run_ranks(_requires_grad_worker, 2, state_dict_flow) == [[], []]

@@ -284,3 +284,41 @@ def test_bad_file_raises_on_every_rank(tmp_path):
     path = _write(tmp_path / "bad.safetensors", b"{not json")
     for rank, msg in enumerate(run_ranks(_bad_file_worker, 2, path)):
         assert f"rank 0: {path}: header is not valid JSON" in msg and f"this is rank {rank}" in msg, msg
+
+
+def _renamed_worker(rank, world, cases):
+    """Checkpoints whose keys transformers renames on load, read by src straight from the files."""
+    import transformers
+
+    from fsdp_fastload import materialize
+
+    out = {}
+    for name, (path, cls_name) in cases.items():
+        cls = getattr(transformers, cls_name)
+        with torch.device("meta"):
+            model = cls._from_config(transformers.AutoConfig.from_pretrained(path)).eval()
+        materialize(model, "cpu", state_dict=path if rank == 0 else None, poison=True, verify=True,
+                    bucket_size=1 << 14)
+        ref = cls.from_pretrained(path).eval()
+        fwd = (lambda m: m(**models.example_inputs(m)).last_hidden_state.detach()) if cls_name == "LlamaModel" \
+            else _hf_forward
+        out[name] = compare(model, ref, fwd)
+    return out
+
+
+def test_keys_transformers_renames_on_load(ckpts, tmp_path):
+    """GPT-NeoX's checkpoint says `embed_out.weight` (the model: `lm_head.weight`), and a
+    `...ForCausalLM` checkpoint loads into the base model with its `model.` prefix stripped: src applies
+    the renaming `from_pretrained` applies, and every rank equals `from_pretrained` bit for bit."""
+    import transformers
+
+    torch.manual_seed(0)
+    neox = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=128))
+    neox.save_pretrained(tmp_path / "neox")
+    (f,) = checkpoint_files(str(tmp_path / "neox"))
+    assert "embed_out.weight" in parse_header(f) and "lm_head.weight" in neox.state_dict()
+    cases = {"gpt_neox": (str(tmp_path / "neox"), "GPTNeoXForCausalLM"),
+             "causal_lm_into_base": (ckpts["llama"], "LlamaModel")}
+    _check(run_ranks(_renamed_worker, 2, cases))

@@ -1,0 +1,241 @@
+"""Acceptance sweep over transformers architectures that the test suite does not list.
+
+For each architecture: a tiny model built from a config (seeded), saved with `save_pretrained`
+(safetensors); then 2 gloo ranks load it with `materialize` both ways -- rank 0's `from_pretrained`
+model to a meta skeleton on rank 1 (`model`), and every rank meta with rank 0 passing the checkpoint
+directory (`dir`) -- and every rank compares every parameter and buffer (tied names included), the
+tie groups and the forward output bit for bit with single-process `from_pretrained`. A checkpoint
+whose keys need transformers' own conversion must be refused with a clear error (`refused`).
+
+    python scripts/zoo_check.py                 # every architecture below
+    python scripts/zoo_check.py t5 whisper      # some of them
+
+Not part of the test run; about a minute on 2 cores.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TXT = dict(vocab_size=99)
+ARCHS = {
+    # name: (config class, config kwargs, model class, inputs kind)
+    "t5": ("T5Config", dict(TXT, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                            decoder_start_token_id=0), "T5ForConditionalGeneration", "seq2seq"),
+    "bart": ("BartConfig", dict(TXT, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                                max_position_embeddings=64), "BartForConditionalGeneration", "seq2seq"),
+    "opt": ("OPTConfig", dict(TXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=37,
+                              max_position_embeddings=64, word_embed_proj_dim=32), "OPTForCausalLM", "ids"),
+    "bloom": ("BloomConfig", dict(TXT, hidden_size=32, n_layer=2, n_head=4), "BloomForCausalLM", "ids"),
+    "falcon": ("FalconConfig", dict(TXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+               "FalconForCausalLM", "ids"),
+    "gpt_neox": ("GPTNeoXConfig", dict(TXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=37, max_position_embeddings=64),
+                 "GPTNeoXForCausalLM", "ids"),
+    "phi3": ("Phi3Config", dict(TXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=37, pad_token_id=0), "Phi3ForCausalLM", "ids"),
+    "qwen3": ("Qwen3Config", dict(TXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=37, head_dim=8),
+              "Qwen3ForCausalLM", "ids"),
+    "mamba": ("MambaConfig", dict(TXT, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2,
+                                  conv_kernel=4), "MambaForCausalLM", "ids"),
+    "gptj": ("GPTJConfig", dict(TXT, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64),
+             "GPTJForCausalLM", "ids"),
+    "gpt_bigcode": ("GPTBigCodeConfig", dict(TXT, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+                    "GPTBigCodeForCausalLM", "ids"),
+    "roberta": ("RobertaConfig", dict(TXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=37, max_position_embeddings=64),
+                "RobertaForMaskedLM", "ids"),
+    "albert": ("AlbertConfig", dict(TXT, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=37, max_position_embeddings=64),
+               "AlbertForMaskedLM", "ids"),
+    "deberta_v2": ("DebertaV2Config", dict(TXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=37, max_position_embeddings=64,
+                                           relative_attention=True, position_buckets=8, max_relative_positions=16,
+                                           pos_att_type=["p2c", "c2p"]), "DebertaV2ForMaskedLM", "ids"),
+    "vit": ("ViTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                              image_size=32, patch_size=8, num_labels=3), "ViTForImageClassification", "pixels"),
+    "whisper": ("WhisperConfig", dict(TXT, d_model=32, encoder_layers=2, decoder_layers=2,
+                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
+                                      decoder_ffn_dim=37, num_mel_bins=16, max_source_positions=32,
+                                      max_target_positions=32, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2, decoder_start_token_id=1),
+                "WhisperForConditionalGeneration", "audio"),
+    "gemma2": ("Gemma2Config", dict(TXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, intermediate_size=37, head_dim=8, pad_token_id=0),
+               "Gemma2ForCausalLM", "ids"),
+    "starcoder2": ("Starcoder2Config", dict(TXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=37),
+                   "Starcoder2ForCausalLM", "ids"),
+    "olmo2": ("Olmo2Config", dict(TXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=37, pad_token_id=0), "Olmo2ForCausalLM", "ids"),
+    "electra": ("ElectraConfig", dict(TXT, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=37, max_position_embeddings=64),
+                "ElectraForMaskedLM", "ids"),
+    "clip": ("CLIPConfig", dict(text_config=dict(TXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=37, max_position_embeddings=64),
+                                vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                   intermediate_size=37, image_size=32, patch_size=8),
+                                projection_dim=16), "CLIPModel", "clip"),
+}
+
+
+def _inputs(kind: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 99, (2, 10), generator=g)
+    if kind == "ids":
+        return {"input_ids": ids}
+    if kind == "seq2seq":
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :6]}
+    if kind == "pixels":
+        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    if kind == "audio":
+        return {"input_features": torch.randn(2, 16, 64, generator=g), "decoder_input_ids": ids[:, :6]}
+    if kind == "clip":
+        return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    raise ValueError(kind)
+
+
+def _output(model, kind: str) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model(**_inputs(kind))
+    return [v for v in out.values() if isinstance(v, torch.Tensor)]
+
+
+def _tensors(model) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def _ties(model) -> set:
+    groups: dict = {}
+    for n, t in _tensors(model).items():
+        groups.setdefault(id(t), set()).add(n)
+    return {frozenset(g) for g in groups.values()}
+
+
+def _compare(model, ref, kind: str, grad_from=None) -> list[str]:
+    """Differences from `ref`; `requires_grad` is compared with `grad_from`'s (default `ref`)."""
+    got, want = _tensors(model), _tensors(ref)
+    grads = {n: t.requires_grad for n, t in _tensors(grad_from if grad_from is not None else ref).items()}
+    bad = [f"names differ: {sorted(set(got) ^ set(want))[:5]}"] if set(got) != set(want) else []
+    for n, w in want.items():
+        t = got.get(n)
+        if t is None:
+            continue
+        if t.is_meta or t.dtype != w.dtype or t.shape != w.shape or not torch.equal(t, w):
+            bad.append(f"{n}: differs ({'meta' if t.is_meta else t.dtype})")
+        elif type(t) is not type(w) or t.requires_grad != grads.get(n):
+            bad.append(f"{n}: class/requires_grad differ")
+    if _ties(model) != _ties(ref):
+        bad.append("tie groups differ")
+    if not bad:
+        outs, refs = _output(model, kind), _output(ref, kind)
+        if len(outs) != len(refs) or not all(torch.equal(a, b) for a, b in zip(outs, refs)):
+            bad.append("forward output differs")
+    return bad
+
+
+def _worker(rank: int, port: int, names: list[str], root: str, q) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    import transformers
+
+    from fsdp_fastload import MaterializeError, materialize
+
+    results = {}
+    for name in names:
+        cfg_cls, _, model_cls, kind = ARCHS[name]
+        path = os.path.join(root, name)
+        cls = getattr(transformers, model_cls)
+        for flow in ("model", "dir"):
+            try:
+                ref = cls.from_pretrained(path).eval()
+                config = transformers.AutoConfig.from_pretrained(path)
+                if flow == "model" and rank == 0:
+                    model = cls.from_pretrained(path).eval()
+                else:
+                    with torch.device("meta"):
+                        model = cls._from_config(config).eval()
+                try:
+                    materialize(model, "cpu", state_dict=path if (flow == "dir" and rank == 0) else None)
+                except MaterializeError as e:
+                    msg = str(e)
+                    results[(name, flow)] = ("refused" if "conversion" in msg or "src-model flow" in msg
+                                             else "error") + ": " + msg[:300]
+                    continue
+                # `dir`: every rank builds the model, so `requires_grad` is the model's own (transformers
+                # 5 drops requires_grad=False on load: Whisper's positions); `model`: src's, as loaded.
+                fresh = None
+                if flow == "dir":
+                    with torch.device("meta"):
+                        fresh = cls._from_config(config)
+                bad = _compare(model, ref, kind, grad_from=fresh)
+                results[(name, flow)] = "ok" if not bad else "MISMATCH: " + "; ".join(bad[:5])
+            except Exception as e:  # noqa: BLE001  report, go on with the next case
+                results[(name, flow)] = f"crash: {type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+            dist.barrier()
+    q.put((rank, results))
+    dist.destroy_process_group()
+
+
+def main(argv: list[str]) -> int:
+    import socket
+
+    import transformers
+
+    names = argv or list(ARCHS)
+    root = tempfile.mkdtemp(prefix="fsdp_fastload_zoo_")
+    built = []
+    for name in names:
+        cfg_cls, kw, model_cls, _ = ARCHS[name]
+        try:
+            torch.manual_seed(0)
+            config = getattr(transformers, cfg_cls)(**kw)
+            model = getattr(transformers, model_cls)(config)
+            model.save_pretrained(os.path.join(root, name))
+            built.append(name)
+        except Exception as e:  # noqa: BLE001
+            print(f"{name:12s} cannot build here: {type(e).__name__}: {str(e)[:200]}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, port, built, root, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        for _ in procs:
+            rank, res = q.get(timeout=60 + 60 * len(built))  # the watchdog: a hang is a failure
+            got[rank] = res
+    except Exception:  # noqa: BLE001
+        print("FAILED: a rank did not report in time (hang?)")
+        for p in procs:
+            p.kill()
+        return 1
+    for p in procs:
+        p.join()
+    failed = 0
+    for name in built:
+        for flow in ("model", "dir"):
+            rows = [got[r][(name, flow)] for r in range(2)]
+            ok = all(r == "ok" or r.startswith("refused") for r in rows)
+            failed += not ok
+            print(f"{name:12s} {flow:5s} " + " | ".join(f"rank {r}: {row}" for r, row in enumerate(rows)))
+    print(f"{len(built)} architectures, {failed} failing case(s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
