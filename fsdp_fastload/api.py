@@ -291,6 +291,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     views = part_views[0]
     per_rank = None
     shd_prepared: list = []
+    me = ranks.index(rank)
     if shd:
         if is_src:
             per_rank = [shard.local_sources(sources[i], entries[i], g, read_threads=opts["read_threads"])
@@ -305,14 +306,13 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                            src=src, group=group, device=device, sends=sends, progress=opts["progress"],
                            max_inflight=opts["max_inflight"],
                            meanwhile=lambda: shd_prepared.extend(shard.prepare_shards(
-                               module, shd_entries, part_views[1], geos, ranks.index(rank))))
+                               module, shd_entries, part_views[1], geos, me)))
     for pairs in conversions:
         for v, w in pairs:
             v.copy_(w)  # "send bf16, upcast after": the module's dtype wins
     del conversions, wirebuf
     if prefaulting is not None:
         prefaulting.join()
-    me = ranks.index(rank)
     if shd:
         shard.zero_padding(part_views[1], [entries[i] for i in shd], geos, me)
     t_fill = time.perf_counter()

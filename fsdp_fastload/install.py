@@ -32,7 +32,3 @@ def commit(entries: list[Entry], new: list[torch.Tensor]) -> None:
         table = "_parameters" if e.kind == "param" else "_buffers"
         for mod, attr in e.owners:
             getattr(mod, table)[attr] = t
-
-
-def install(entries: list[Entry], views: list[torch.Tensor]) -> None:
-    commit(entries, prepare(entries, views))
