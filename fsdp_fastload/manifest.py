@@ -72,7 +72,12 @@ def build_manifest(module: nn.Module) -> list[Entry]:
     seen: set[int] = set()
     meshes: dict = {}
 
-    def visit(mod: nn.Module, dot: str) -> None:
+    # Depth first with an explicit stack, in registration order. (Not a recursive closure: the
+    # closure would reference itself, a cycle holding every Entry, and src's old tensors, until the
+    # garbage collector ran: ~0.1 s per 100k tensors, and memory held after the call.)
+    stack: list[tuple[nn.Module, str]] = [(module, "")]
+    while stack:
+        mod, dot = stack.pop()
         params, buffers = mod._parameters, mod._buffers
         if params or buffers:
             first = id(mod) not in seen
@@ -100,11 +105,10 @@ def build_manifest(module: nn.Module) -> list[Entry]:
                     e.names.append(dot + attr)
                     if first:
                         e.owners.append((mod, attr))
-        for name, child in mod._modules.items():
-            if child is not None:
-                visit(child, dot + name + ".")
-
-    visit(module, "")
+        children = mod._modules
+        if children:
+            stack.extend(reversed([(child, dot + name + ".") for name, child in children.items()
+                                   if child is not None]))
     return entries
 
 

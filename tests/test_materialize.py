@@ -427,3 +427,46 @@ def _requires_grad_worker(rank, world, state_dict_flow):
 @pytest.mark.parametrize("state_dict_flow", [False, True])
 def test_requires_grad_follows_src(state_dict_flow):
     assert run_ranks(_requires_grad_worker, 2, state_dict_flow) == [[], []]
+
+
+@pytest.mark.parametrize("flow", ["module", "state_dict"])
+def test_call_leaves_no_cyclic_garbage(flow):
+    """Everything a call builds (entries, names, owners: and through them the tensors it replaced)
+    is freed when it returns, not held in a reference cycle until the garbage collector runs (a
+    collection of 100k tensors' worth of garbage cost ~0.15 s, and src's old tensors stayed alive)."""
+    import gc
+    import weakref
+
+    from fsdp_fastload import materialize
+
+    ref = models.PLAIN_CASES["kitchen_sink"](device="cpu")
+    if flow == "module":
+        model, kw = models.PLAIN_CASES["kitchen_sink"](device="cpu"), {"device": "cpu"}
+    else:
+        model = models.PLAIN_CASES["kitchen_sink"](device="meta")
+        np_ref = {n: b for n, b in ref.named_buffers() if n not in ref.state_dict()}
+
+        def buffer_init(mod):  # the non-persistent buffers, from the reference by identity
+            for n, m in model.named_modules():
+                if m is mod:
+                    for attr in list(mod._buffers):
+                        if f"{n}.{attr}".lstrip(".") in np_ref:
+                            mod._buffers[attr].copy_(np_ref[f"{n}.{attr}".lstrip(".")])
+
+        kw = {"device": "cpu", "state_dict": {k: v.clone() for k, v in ref.state_dict().items()},
+              "buffer_init": buffer_init}
+    old = weakref.ref(next(model.parameters()))
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        materialize(model, **kw)
+        kw.clear()
+        found = gc.collect()
+    finally:
+        if enabled:
+            gc.enable()
+    assert found == 0, f"materialize left {found} objects in reference cycles"
+    if flow == "state_dict":
+        assert old() is None, "the replaced meta parameter is still referenced after the call"
+    assert compare(model, ref, lambda m: m(m.example_input())) == []
