@@ -40,16 +40,14 @@ def _hf_owners(root: nn.Module) -> dict[int, nn.Module]:
     if tf is None:
         return owners
 
-    def visit(mod: nn.Module, owner: nn.Module | None) -> None:
+    stack: list[tuple[nn.Module, nn.Module | None]] = [(root, None)]  # (no recursive closure: a cycle)
+    while stack:
+        mod, owner = stack.pop()
         if isinstance(mod, tf.PreTrainedModel):
             owner = mod
         if owner is not None:
             owners.setdefault(id(mod), owner)
-        for child in mod._modules.values():
-            if child is not None:
-                visit(child, owner)
-
-    visit(root, None)
+        stack.extend(reversed([(c, owner) for c in mod._modules.values() if c is not None]))  # in order
     return owners
 
 
