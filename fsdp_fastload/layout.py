@@ -98,7 +98,10 @@ def _runs(entries: list[Entry], sources: list, ids: list[int]) -> list[list[tupl
             base = None
             if type(addr) is tuple:
                 addr, base = addr
-            if run and not end <= addr <= end + (MAX_GAP if base == prev_base else CROSS_GAP):
+            # across storages only over gaps of at most 1/64 of the tensor (the slack receivers allow
+            # for): every byte of a gap is sent too, and malloc-ed tiny tensors sit 64-256 B apart
+            if run and not (end <= addr <= end + MAX_GAP if base == prev_base
+                            else end <= addr <= end + min(CROSS_GAP, entries[i].nbytes >> 6)):
                 if len(run) > 1:
                     runs.append(run)
                 run = []
