@@ -19,7 +19,7 @@ from .comm import Broadcasts, pack_all
 from .fill import Packer, broadcast_fill
 from .install import commit as commit_install
 from .install import prepare as prepare_install
-from .layout import ALIGN, Layout, plan
+from .layout import ALIGN, Layout, memory_facts, plan
 from .manifest import Entry, build_manifest, fingerprint, summary
 from .source import CheckpointError, hf_renamed, match, open_source
 from .verify import verify as _verify
@@ -189,14 +189,15 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
             warnings.warn(f"fsdp_fastload.materialize: {len(src_plan.unexpected)} checkpoint key(s) not "
                           f"in the model were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
     layout = shd_layout = None
-    sources = wire_all = None
+    sources = wire_all = facts = None
     if error is None and is_src:
         sources = src_plan.sources if src_plan is not None else [e.tensor for e in entries]
         wire_all = src_plan.wire if src_plan is not None else [e.dtype for e in entries]
         bucket = opts["bucket_size"] or _auto_bucket(sum(e.nbytes for e in entries))
         direct_min = opts["direct_min"] or bucket // 2
         rep_args = dict(bucket_size=bucket, direct_min=direct_min, wire=[wire_all[i] for i in rep])
-        layout = plan([entries[i] for i in rep], sources=[sources[i] for i in rep], **rep_args)
+        facts = memory_facts([sources[i] for i in rep])
+        layout = plan([entries[i] for i in rep], sources=[sources[i] for i in rep], facts=facts, **rep_args)
         if layout.main_total > _main_estimate(entries, rep, [], []):
             # Runs of src's memory keep the gaps between its tensors (malloc's headers: ~40% more bytes
             # on 100k tensors of 640 B). Past the allowance receivers size their early buffer with,
@@ -210,7 +211,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     # while this rank waits for src's plan, then ahead of the transfer (receivers size it from their
     # own manifest; a layout that turns out larger gets a buffer of its own).
     # src keeps its own tensors when they already live on `device`: it sends from them (no copy).
-    kept = is_src and error is None and src_plan is None and not shd and _all_kept_in_place(entries, device)
+    kept = is_src and error is None and src_plan is None and not shd and _all_kept_in_place(entries, device, facts)
     early = prefaulting = None
     if (error is None and device.type == "cpu" and opts["prefault"] and not opts["poison"]
             and not kept and (layout is not None or not is_src)):
@@ -241,7 +242,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         t_alloc = time.perf_counter()
         if distributed:
             packer = Packer(sources, layout, read_threads=opts["read_threads"],
-                            names=[e.names[0] for e in entries])
+                            names=[e.names[0] for e in entries], facts=facts)
             broadcast_fill(None, layout, is_src=True, packer=packer, **fill)
         t_fill = time.perf_counter()
         if verify and distributed:
@@ -289,7 +290,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     t_alloc = time.perf_counter()
 
     # 4. fill: bucket by bucket, src packing/reading the next while the current one is in flight.
-    packer = (Packer([sources[i] for i in rep], layout, read_threads=opts["read_threads"],
+    packer = (Packer([sources[i] for i in rep], layout, read_threads=opts["read_threads"], facts=facts,
                      names=[e.names[0] for e in rep_entries]) if is_src else None)
     if distributed:
         broadcast_fill(targets[0], layout, is_src=is_src, packer=packer, meanwhile=carve_all, **fill)
@@ -397,9 +398,12 @@ def _auto_bucket(total: int) -> int:
     return size
 
 
-def _all_kept_in_place(entries: list[Entry], device: torch.device) -> bool:
-    """Whether src's own tensors are all plain, contiguous and already on `device`."""
+def _all_kept_in_place(entries: list[Entry], device: torch.device, facts: list | None = None) -> bool:
+    """Whether src's own tensors are all plain, contiguous and already on `device` (`facts`: their
+    `memory_facts`, if gathered)."""
     plain = (torch.Tensor, nn.Parameter)
+    if device.type == "cpu" and facts is not None:
+        return all(type(e.tensor) in plain for e in entries) and all(f is not None and f[4] < 0 for f in facts)
     if device.type == "cpu":
         return all(type(t) in plain and t.is_cpu and t.is_contiguous() for t in [e.tensor for e in entries])
     return all(type(t) in plain and t.device == device and t.is_contiguous() for t in [e.tensor for e in entries])

@@ -53,7 +53,8 @@ class Packer:
     their arguments sliced out of per-span lists, never a Python loop of copies.
     """
 
-    def __init__(self, sources: list, layout: Layout, *, read_threads: int = 4, names: list | None = None):
+    def __init__(self, sources: list, layout: Layout, *, read_threads: int = 4, names: list | None = None,
+                 facts: list | None = None):
         self.read_threads = read_threads
         self.names = names  # per source: the tensor's name, for error messages
         wire_off, wire_dtype = layout.wire, layout.wire_dtype
@@ -65,7 +66,15 @@ class Packer:
         for w, i in spans:
             src, wire = sources[i], wire_dtype[i]
             base = None
-            if isinstance(src, torch.Tensor):
+            f = facts[i] if facts is not None else None
+            if f is not None:  # a contiguous tensor with memory (see layout.memory_facts)
+                addr, base, dtype, numel, dev = f
+                if dtype == wire:
+                    kind, obj, off = _MEM, src, 0
+                    key = (_MEM, -1, addr - w) if dev < 0 else (_MEM, dev, base, addr - w)
+                else:
+                    kind, obj, off, key = _CONV, src, wire, None
+            elif isinstance(src, torch.Tensor):
                 numel = src.numel()
                 if src.dtype == wire and src.is_contiguous():
                     addr = src.data_ptr()

@@ -64,22 +64,48 @@ def _align(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
-def _runs(entries: list[Entry], sources: list, ids: list[int]) -> list[list[tuple[int, int]]]:
+_CPU = ("cpu",)
+
+
+def memory_facts(sources: list) -> list:
+    """Per source: (address, address of its storage's first byte, dtype, numel, device index or -1
+    on CPU) for a contiguous tensor with memory; None for anything else (a file range, a meta or
+    strided tensor). Gathered once per call for the layout and the packer: each attribute costs
+    ~0.1-0.25 us from Python, which adds up to ~0.1 s at 100k tensors when asked twice."""
+    out: list = []
+    tensor = torch.Tensor
+    for s in sources:
+        if isinstance(s, tensor) and not s.is_meta and s.is_contiguous():
+            addr = s.data_ptr()
+            out.append((addr, addr - s.storage_offset() * s.element_size(), s.dtype, s.numel(),
+                        -1 if s.is_cpu else s.get_device()))
+        else:
+            out.append(None)
+    return out
+
+
+def _runs(entries: list[Entry], sources: list, ids: list[int], facts: list) -> list[list[tuple[int, int]]]:
     """Groups of two or more entries back to back at their source (one storage, one file, or CPU
     memory: see CROSS_GAP), each [(entry, byte address)] in address order; entries alone at their
     source are left out."""
     groups: dict = {}
+    bases: dict[int, int] = {}  # entry -> address of its storage's first byte (memory sources)
     for i in ids:
-        e, s = entries[i], sources[i]
-        if not e.nbytes or s is None or s.dtype != e.dtype:
+        s = sources[i]
+        if s is None:
             continue
-        if type(s) is FileTensor:
+        e = entries[i]
+        if not e.nbytes:
+            continue
+        f = facts[i]
+        if f is not None:
+            addr, base, dtype, _, dev = f
+            if dtype != e.dtype:
+                continue
+            bases[i] = base
+            key = _CPU if dev < 0 else (dev, base)
+        elif type(s) is FileTensor and s.dtype == e.dtype:
             key, addr = s.path, s.offset
-        elif isinstance(s, torch.Tensor) and not s.is_meta and s.is_contiguous():
-            addr = s.data_ptr()
-            base = addr - s.storage_offset() * s.element_size()
-            key = ("cpu",) if s.is_cpu else (s.get_device(), base)
-            addr = (addr, base)
         else:
             continue
         g = groups.get(key)
@@ -95,9 +121,7 @@ def _runs(entries: list[Entry], sources: list, ids: list[int]) -> list[list[tupl
         run: list[tuple[int, int]] = []
         end = prev_base = None
         for addr, i in g:
-            base = None
-            if type(addr) is tuple:
-                addr, base = addr
+            base = bases.get(i)
             # across storages only over gaps of at most 1/64 of the tensor (the slack receivers allow
             # for): every byte of a gap is sent too, and malloc-ed tiny tensors sit 64-256 B apart
             if run and not (end <= addr <= end + MAX_GAP if base == prev_base
@@ -113,9 +137,11 @@ def _runs(entries: list[Entry], sources: list, ids: list[int]) -> list[list[tupl
 
 
 def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
-         wire: list[torch.dtype | None] | None = None, sources: list | None = None) -> Layout:
+         wire: list[torch.dtype | None] | None = None, sources: list | None = None,
+         facts: list | None = None) -> Layout:
     """src's layout. `wire[i]`: dtype entry i travels in (None: recomputed locally; default: all
-    sent as they are); `sources[i]`: where its bytes come from (tensor or FileTensor), if known."""
+    sent as they are); `sources[i]`: where its bytes come from (tensor or FileTensor), if known;
+    `facts`: `memory_facts(sources)` if already gathered."""
     n = len(entries)
     if wire is None:
         wire = [e.dtype for e in entries]
@@ -129,7 +155,9 @@ def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
     spans: list[tuple[int, int, bool]] = []  # (start, end, sent as one piece at src), in offset order
     off = 0
     placed: set[int] = set()
-    for run in (_runs(entries, sources, direct_ids) if sources is not None else ()):
+    if sources is not None and facts is None:
+        facts = memory_facts(sources)
+    for run in (_runs(entries, sources, direct_ids, facts) if sources is not None else ()):
         start_addr = run[0][1]
         base = _align(off) + start_addr % ALIGN  # keep every member's alignment
         if any((base + a - start_addr) % entries[i].dtype.itemsize for i, a in run):
