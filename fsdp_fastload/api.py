@@ -398,15 +398,15 @@ def _auto_bucket(total: int) -> int:
     return size
 
 
-def _all_kept_in_place(entries: list[Entry], device: torch.device, facts: list | None = None) -> bool:
+def _all_kept_in_place(entries: list[Entry], device: torch.device, facts: list) -> bool:
     """Whether src's own tensors are all plain, contiguous and already on `device` (`facts`: their
-    `memory_facts`, if gathered)."""
+    `layout.memory_facts`)."""
     plain = (torch.Tensor, nn.Parameter)
-    if device.type == "cpu" and facts is not None:
-        return all(type(e.tensor) in plain for e in entries) and all(f is not None and f[4] < 0 for f in facts)
+    if any(f is None for f in facts) or not all(type(e.tensor) in plain for e in entries):
+        return False
     if device.type == "cpu":
-        return all(type(t) in plain and t.is_cpu and t.is_contiguous() for t in [e.tensor for e in entries])
-    return all(type(t) in plain and t.device == device and t.is_contiguous() for t in [e.tensor for e in entries])
+        return all(f[4] < 0 for f in facts)
+    return all(e.tensor.device == device for e in entries)
 
 
 def _resolve_device(device, backend: str) -> torch.device:

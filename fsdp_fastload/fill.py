@@ -17,7 +17,7 @@ import torch
 
 from . import ops
 from .comm import Broadcasts
-from .layout import CROSS_GAP, Layout
+from .layout import CROSS_GAP, Layout, memory_facts
 from .source import FileTensor
 
 
@@ -58,6 +58,8 @@ class Packer:
         self.read_threads = read_threads
         self.names = names  # per source: the tensor's name, for error messages
         wire_off, wire_dtype = layout.wire, layout.wire_dtype
+        if facts is None:
+            facts = memory_facts(sources)
         spans = [(wire_off[i], i) for i in range(len(sources)) if wire_off[i] >= 0 and sources[i] is not None]
         spans.sort()
         starts, ends, kinds, objs, offs, runs, ids = [], [], [], [], [], [], []
@@ -66,24 +68,17 @@ class Packer:
         for w, i in spans:
             src, wire = sources[i], wire_dtype[i]
             base = None
-            f = facts[i] if facts is not None else None
-            if f is not None:  # a contiguous tensor with memory (see layout.memory_facts)
+            f = facts[i]
+            if f is not None:  # a contiguous tensor with memory
                 addr, base, dtype, numel, dev = f
                 if dtype == wire:
                     kind, obj, off = _MEM, src, 0
+                    # CPU memory: one piece across storages too, over gaps small enough to be mapped
                     key = (_MEM, -1, addr - w) if dev < 0 else (_MEM, dev, base, addr - w)
                 else:
                     kind, obj, off, key = _CONV, src, wire, None
-            elif isinstance(src, torch.Tensor):
-                numel = src.numel()
-                if src.dtype == wire and src.is_contiguous():
-                    addr = src.data_ptr()
-                    base = addr - src.storage_offset() * src.element_size()
-                    kind, obj, off = _MEM, src, 0
-                    # CPU memory: one piece across storages too, over gaps small enough to be mapped
-                    key = (_MEM, -1, addr - w) if src.is_cpu else (_MEM, src.get_device(), base, addr - w)
-                else:
-                    kind, obj, off, key = _CONV, src, wire, None
+            elif isinstance(src, torch.Tensor):  # strided: made contiguous (and converted) when packed
+                numel, kind, obj, off, key = src.numel(), _CONV, src, wire, None
             elif isinstance(src, FileTensor):
                 numel = src.nbytes // src.dtype.itemsize
                 if src.dtype == wire:
