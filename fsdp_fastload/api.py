@@ -167,6 +167,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     # DTensor (FSDP2) entries: only local shards are allocated, filled by scatters (see shard.py).
     shd = [i for i, e in enumerate(entries) if e.cls == "DTensor"]
     rep = [i for i, e in enumerate(entries) if e.cls != "DTensor"] if shd else list(range(len(entries)))
+    rep_entries, shd_entries = [entries[i] for i in rep], [entries[i] for i in shd]
     geos: list = []
     if shd and error is None:
         cache: dict = {}
@@ -189,22 +190,23 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
             warnings.warn(f"fsdp_fastload.materialize: {len(src_plan.unexpected)} checkpoint key(s) not "
                           f"in the model were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
     layout = shd_layout = None
-    sources = wire_all = facts = None
+    sources = wire_all = facts = rep_sources = None
     if error is None and is_src:
         sources = src_plan.sources if src_plan is not None else [e.tensor for e in entries]
         wire_all = src_plan.wire if src_plan is not None else [e.dtype for e in entries]
         bucket = opts["bucket_size"] or _auto_bucket(sum(e.nbytes for e in entries))
         direct_min = opts["direct_min"] or bucket // 2
         rep_args = dict(bucket_size=bucket, direct_min=direct_min, wire=[wire_all[i] for i in rep])
-        facts = memory_facts([sources[i] for i in rep])
-        layout = plan([entries[i] for i in rep], sources=[sources[i] for i in rep], facts=facts, **rep_args)
+        rep_sources = [sources[i] for i in rep]
+        facts = memory_facts(rep_sources)
+        layout = plan(rep_entries, sources=rep_sources, facts=facts, **rep_args)
         if layout.main_total > _main_estimate(entries, rep, [], []):
             # Runs of src's memory keep the gaps between its tensors (malloc's headers: ~40% more bytes
             # on 100k tensors of 640 B). Past the allowance receivers size their early buffer with,
             # the gaps would cost wire bytes and every receiver a second buffer: plan compact, packed.
-            layout = plan([entries[i] for i in rep], **rep_args)
+            layout = plan(rep_entries, **rep_args)
         if shd:  # each scatter moves `world` pieces: keep src's staging near a bucket
-            shd_layout = plan(shard.slot_entries([entries[i] for i in shd], geos), direct_min=direct_min,
+            shd_layout = plan(shard.slot_entries(shd_entries, geos), direct_min=direct_min,
                               bucket_size=max(bucket // len(ranks), 1 << 20), wire=[wire_all[i] for i in shd])
     fp = fingerprint(entries, (src,)) if distributed else 0
     # CPU targets: the flat buffer is allocated now and its pages faulted in on a background thread
@@ -252,10 +254,9 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
              phases={"agree": t_agree - t_start, "alloc": 0.0, "fill": t_fill - t_alloc,
                      "install": time.perf_counter() - t_fill})
         return module
-    rep_entries = [entries[i] for i in rep]
     parts = [(layout, rep_entries)]
     if shd:
-        parts.append((shd_layout, shard.slot_entries([entries[i] for i in shd], geos)))
+        parts.append((shd_layout, shard.slot_entries(shd_entries, geos)))
     main_sizes = [lay.main_total for lay, _ in parts]
     wire_sizes = [lay.wire_total - lay.direct for lay, _ in parts]
     main = (early[:sum(main_sizes)] if early is not None and early.numel() >= sum(main_sizes)
@@ -290,7 +291,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     t_alloc = time.perf_counter()
 
     # 4. fill: bucket by bucket, src packing/reading the next while the current one is in flight.
-    packer = (Packer([sources[i] for i in rep], layout, read_threads=opts["read_threads"], facts=facts,
+    packer = (Packer(rep_sources, layout, read_threads=opts["read_threads"], facts=facts,
                      names=[e.names[0] for e in rep_entries]) if is_src else None)
     if distributed:
         broadcast_fill(targets[0], layout, is_src=is_src, packer=packer, meanwhile=carve_all, **fill)
@@ -310,7 +311,6 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                               names=shd_names) for r in range(len(ranks))]
         sends = Broadcasts(shd_layout, src=src, group=group, device=device, op="scatter",
                            max_inflight=opts["max_inflight"], timeout=timeout)
-        shd_entries = [entries[i] for i in shd]
         shard.scatter_fill(targets[1], shd_layout, is_src=is_src, packers=packers if is_src else None,
                            src=src, group=group, device=device, sends=sends, progress=opts["progress"],
                            max_inflight=opts["max_inflight"],
@@ -323,7 +323,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     if prefaulting is not None:
         prefaulting.join()
     if shd:
-        shard.zero_padding(part_views[1], [entries[i] for i in shd], geos, me)
+        shard.zero_padding(part_views[1], shd_entries, geos, me)
     t_fill = time.perf_counter()
 
     # 5-6. non-persistent buffers nobody sent: recomputed locally; then verify and install.
@@ -342,7 +342,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     if verify and distributed:
         _verify(rep_entries, views, group=group, src=src, rank=rank, comm_device=comm_device)
         if shd:
-            shard.verify_shards([entries[i] for i in shd], part_views[1], geos, per_rank, group=group, src=src,
+            shard.verify_shards(shd_entries, part_views[1], geos, per_rank, group=group, src=src,
                                 rank=rank, comm_device=comm_device)
     commit_install(rep_entries, prepared)
     if shd:
