@@ -295,7 +295,7 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
         staging = [ops.alloc(biggest, "cpu", pin_memory=True) for _ in range(2)]
     show = _progress(layout.wire_total) if is_src and progress is not False else None
     t0 = time.perf_counter()
-    failed = None
+    later = Meanwhile(meanwhile, is_src=is_src, max_inflight=max_inflight, n=len(layout.buckets))
     for k, (a, b) in enumerate(layout.buckets):
         dst = target(a, b)
         if is_src and sends.error is None:
@@ -309,26 +309,36 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
         sends.send(k, dst)
         if show:
             show(b, t0)
-        if meanwhile is not None and not is_src and k + 1 == min(max_inflight, len(layout.buckets)):
-            failed = run_meanwhile(meanwhile)
-            meanwhile = None
-    if meanwhile is not None:
-        failed = run_meanwhile(meanwhile)
+        later.posted(k)
+    later.finish()
     sends.finish()
     if cuda:
         torch.cuda.current_stream(device).synchronize()
-    if failed is not None:
-        raise failed
+    if later.failed is not None:
+        raise later.failed
 
 
-def run_meanwhile(fn: Callable[[], None]) -> Exception | None:
-    """Run work that overlaps the transfer; a failure is returned, to be raised once this rank has
-    taken part in every remaining collective (raising mid-loop would leave the peers waiting)."""
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return e
-    return None
+class Meanwhile:
+    """Work that needs no values, overlapping a transfer of `n` buckets: run on receivers once their
+    first `max_inflight` transfers are posted (`posted(k)`), on src after its last (`finish()`). A
+    failure is kept in `failed`, to be raised once this rank has taken part in every remaining
+    collective (raising mid-loop would leave the peers waiting)."""
+
+    def __init__(self, fn: Callable[[], None] | None, *, is_src: bool, max_inflight: int, n: int):
+        self.fn, self.failed = fn, None
+        self.at = -1 if is_src else min(max_inflight, n) - 1
+
+    def posted(self, k: int) -> None:
+        if k == self.at:
+            self.finish()
+
+    def finish(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001
+                self.failed = e
 
 
 def _pack_cuda(dst, a, b, packer, stage, events, slot, copy_stream, device) -> None:

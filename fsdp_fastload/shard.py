@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .fill import _progress, run_meanwhile
+from .fill import Meanwhile, _progress
 from .layout import Layout
 from .manifest import Entry
 from .source import FileTensor
@@ -222,7 +222,7 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
     used: list = [None, None]  # the scatter that last read each staging buffer
     show = _progress(layout.wire_total * world) if is_src and progress is not False else None
     t0 = time.perf_counter()
-    failed = None
+    later = Meanwhile(meanwhile, is_src=is_src, max_inflight=max_inflight, n=len(layout.buckets))
     for k, (a, b) in enumerate(layout.buckets):
         out = target(a, b)
         pieces = None
@@ -255,16 +255,13 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
             used[k % 2] = sent
         if show:
             show(b * world, t0)
-        if meanwhile is not None and not is_src and k + 1 == min(max_inflight, len(layout.buckets)):
-            failed = run_meanwhile(meanwhile)
-            meanwhile = None
-    if meanwhile is not None:
-        failed = run_meanwhile(meanwhile)
+        later.posted(k)
+    later.finish()
     sends.finish()
     if cuda:
         torch.cuda.current_stream(device).synchronize()
-    if failed is not None:
-        raise failed
+    if later.failed is not None:
+        raise later.failed
 
 
 def zero_padding(views: list[torch.Tensor], entries: list[Entry], geos: list[Geometry], me: int) -> None:
