@@ -272,7 +272,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         main_off, wire_off = main_off + msize, wire_off + wsize
         bufs.append((m, w))
         targets.append(_target(m, w, lay.direct))
-    part_views, conversions, prepared = [], [], []
+    part_views, conversions, prepared, shd_local = [], [], [], []
+    me = ranks.index(rank)
 
     def carve_all() -> None:
         """All views (and the parameters to install) in a few C++ calls: needs no values, so it runs
@@ -285,6 +286,10 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                                                       [ents[i].shape for i in conv]))
             part_views.append(views)
             conversions.append([(views[i], wv) for i, wv in zip(conv, wire_views)])
+        if shd:  # this rank's shard of each sharded entry, at the start of its slot
+            lay, m = parts[1][0], bufs[1][0]
+            shd_local.extend(ops.carve(m, ops.encode_spec([e.dtype for e in shd_entries], lay.final,
+                                                          [g.boxes[me][0] for g in geos])))
         prepared.extend(prepare_install(rep_entries, part_views[0]))
 
     local = [i for i in range(len(rep_entries)) if layout.wire_dtype[i] is None]
@@ -301,7 +306,6 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     views = part_views[0]
     per_rank = None
     shd_prepared: list = []
-    me = ranks.index(rank)
     if shd:
         if is_src:
             per_rank = [shard.local_sources(sources[i], entries[i], g, read_threads=opts["read_threads"])
@@ -315,7 +319,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                            src=src, group=group, device=device, sends=sends, progress=opts["progress"],
                            max_inflight=opts["max_inflight"],
                            meanwhile=lambda: shd_prepared.extend(shard.prepare_shards(
-                               module, shd_entries, part_views[1], geos, me)))
+                               module, shd_entries, part_views[1], shd_local)))
     for pairs in conversions:
         for v, w in pairs:
             v.copy_(w)  # "send bf16, upcast after": the module's dtype wins

@@ -68,9 +68,14 @@ def compare_sharded(model, ref, rank, world, *, forward=None) -> list[str]:
     if models.tie_groups(model) != models.tie_groups(ref):
         bad.append("tie groups differ")
     # FSDP2's own view: the padded shard it all-gathers is our storage, its tail zeroed.
+    from fsdp_fastload.manifest import build_manifest
     from fsdp_fastload.shard import _fsdp_params
 
-    for fp in _fsdp_params(model).values():
+    sharded = [e for e in build_manifest(model) if e.cls == "DTensor"]
+    fsdp_params = _fsdp_params(model, sharded)
+    if len(fsdp_params) != len(sharded):
+        bad.append(f"FSDP2 manages {len(fsdp_params)} of the {len(sharded)} DTensor parameters")
+    for fp in fsdp_params.values():
         data = fp._sharded_param_data
         n_local = fp.sharded_param._local_tensor.numel()
         if data.untyped_storage().data_ptr() != fp.sharded_param._local_tensor.untyped_storage().data_ptr():
