@@ -56,6 +56,37 @@ def test_tables_ratios_and_goal():
     assert "100 tensors take 2.50× the time of 1 tensor" in md and "NOT met" in md
 
 
+def test_bound_rows_are_read_against_the_loader():
+    """A `*_bound` method is not a loader: its goal line compares it with the loader's 1-tensor time."""
+    sp = sweep.plan([100], 4_000_000, [], 1000, ["ours", "install_bound"])
+    results = {("floor", 4_000_000): [_run(0.2)],
+               ("ours", 1, 4_000_000): [_run(0.4)], ("ours", 100, 4_000_000): [_run(1.0)],
+               ("install_bound", 1, 4_000_000): [_run(0.01)], ("install_bound", 100, 4_000_000): [_run(0.8)]}
+    md = sweep.tables(sp, results)
+    assert "ours: 100 tensors take 2.50× the time of 1 tensor" in md
+    assert "install_bound alone at 100 tensors takes 2.00× ours's time for 1 tensor" in md
+    assert "install_bound: 100 tensors take" not in md
+
+
+def test_install_bound_installs_every_tensor():
+    """The bound does the per-tensor work it claims: every parameter and buffer replaced by a real
+    tensor of the same class, shape, dtype and requires_grad, all in one flat storage."""
+    import torch
+    from torch import nn
+
+    from fsdp_fastload.bench.methods import m_install_bound
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2, bias=False))
+    model[2].weight.requires_grad_(False)
+    before = {n: (type(t), t.shape, t.dtype, t.requires_grad) for n, t in model.state_dict(keep_vars=True).items()}
+    m_install_bound(model, 1, None)
+    after = model.state_dict(keep_vars=True)
+    assert {n: (type(t), t.shape, t.dtype, t.requires_grad) for n, t in after.items()} == before
+    assert not any(t.is_meta for t in after.values())
+    assert len({t.untyped_storage().data_ptr() for t in after.values()}) == 1
+
+
 def test_failed_run_is_reported(tmp_path):
     job = Job(key=("x",), label="[test] missing", method="no_such_method",
               model={"kind": "synthetic", "count": 1, "numel": 4})
@@ -74,7 +105,8 @@ S, RANGE, X = r"[0-9.]+", r"[0-9.]+ \([0-9.–]+\)", r"[0-9.]+×"
 def test_bench_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     rc = cli.main(["--models", "tiny", "--methods", "ours", "--sweep-counts", "100",
-                   "--sweep-bytes", "400K", "--sweep-sizes", "none", "--runs", "1", "--warmup", "0",
+                   "--sweep-bytes", "400K", "--sweep-sizes", "none", "--sweep-methods", "ours",
+                   "--runs", "1", "--warmup", "0",
                    "--cache", str(tmp_path / "cache"), "--out", str(out)])
     assert rc == 0
     md = (out / "bench.md").read_text()

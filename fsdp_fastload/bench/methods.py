@@ -108,6 +108,40 @@ def m_limit(model, rank, ctx):
     dist.broadcast(ctx.state["buf"], src=ctx.src)
 
 
+@method("install_bound", check=False,
+        note="a lower bound, not a loader: each rank only visits every parameter and buffer once and "
+             "installs a fresh tensor (an nn.Parameter for parameters) over one flat uninitialized buffer: "
+             "all views from one C++ carve call, the cheapest Parameter constructor, the garbage collector "
+             "paused; no communication, no planning, no values. The per-tensor Python that any loader "
+             "handing back modules full of torch tensors pays")
+def m_install_bound(model, rank, ctx):
+    import gc
+
+    import torch
+    from torch import nn
+
+    from fsdp_fastload import ops
+
+    gc.disable()
+    try:
+        slots, dtypes, offsets, shapes, off = [], [], [], [], 0
+        for mod in model.modules():
+            for table in (mod._parameters, mod._buffers):
+                for name, t in table.items():
+                    if t is not None:
+                        slots.append((table, name, t))
+                        dtypes.append(t.dtype)
+                        offsets.append(off)
+                        shapes.append(t.shape)
+                        off += (t.numel() * t.element_size() + 63) & ~63
+        views = ops.carve(ops.alloc(off, torch.device("cpu")), ops.encode_spec(dtypes, offsets, shapes))
+        make, param = torch.Tensor._make_subclass, nn.Parameter
+        for (table, name, t), v in zip(slots, views):
+            table[name] = make(param, v, t.requires_grad) if type(t) is param else v
+    finally:
+        gc.enable()
+
+
 # -- ours -------------------------------------------------------------------------------------------
 
 
@@ -302,4 +336,4 @@ def m_ours_ddp_sync(model, rank, ctx):
 DEFAULT_METHODS = ["floor", "limit", "ours", "ours_sd", "read_floor", "ours_fsdp2", "ours_fsdp2_sd",
                    "ours_ddp", "ours_ddp_sync", "ddp_sync", "dcp_full", "dcp_fsdp2", "accelerate_fsdp2",
                    "hf_every_rank", "hf0_ddp_sync"]
-DEFAULT_SWEEP_METHODS = ["floor", "ours"]
+DEFAULT_SWEEP_METHODS = ["floor", "ours", "install_bound"]
