@@ -291,8 +291,11 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
             shd_local.extend(ops.carve(m, ops.encode_spec([e.dtype for e in shd_entries], lay.final,
                                                           [g.boxes[me][0] for g in geos])))
         prepared.extend(prepare_install(rep_entries, part_views[0]))
+        if local:  # reads no value: recomputed while the bytes arrive, agreed on afterwards
+            recomputed.append(_recompute(module, entries, rep, part_views[0], local, opts["buffer_init"]))
 
     local = [i for i in range(len(rep_entries)) if layout.wire_dtype[i] is None]
+    recomputed: list = []  # the error (or None) of recomputing the local buffers
     t_alloc = time.perf_counter()
 
     # 4. fill: bucket by bucket, src packing/reading the next while the current one is in flight.
@@ -330,15 +333,9 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         shard.zero_padding(part_views[1], shd_entries, geos, me)
     t_fill = time.perf_counter()
 
-    # 5-6. non-persistent buffers nobody sent: recomputed locally; then verify and install.
+    # 5-6. non-persistent buffers nobody sent (recomputed during the fill): agreed on; verify, install.
     if local:
-        for i in local:
-            if views[i].numel():
-                ops.poison_(views[i].view(-1).view(torch.uint8), POISON)
-        all_views = [None] * len(entries)
-        for k, i in enumerate(rep):
-            all_views[i] = views[k]
-        error = recompute(module, entries, all_views, [rep[i] for i in local], opts["buffer_init"])
+        error = recomputed[0]
         if distributed:
             agree(group=group, src=src, rank=rank, comm_device=comm_device, fp=0, summary=[], error=error)
         elif error:
@@ -357,6 +354,20 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
          phases={"agree": t_agree - t_start, "alloc": t_alloc - t_agree, "fill": t_fill - t_alloc,
                  "install": t_end - t_fill})
     return module
+
+
+def _recompute(module: nn.Module, entries: list[Entry], rep: list[int], views: list[torch.Tensor],
+               local: list[int], buffer_init) -> str | None:
+    """Non-persistent buffers nobody sends (`local`: indices into the replicated entries `rep`),
+    written by their initializers into `views`, poisoned first so that one nobody wrote is caught;
+    the error text or None (see `buffers.recompute`)."""
+    for i in local:
+        if views[i].numel():
+            ops.poison_(views[i].view(-1).view(torch.uint8), POISON)
+    all_views: list = [None] * len(entries)
+    for k, i in enumerate(rep):
+        all_views[i] = views[k]
+    return recompute(module, entries, all_views, [rep[i] for i in local], buffer_init)
 
 
 def _main_estimate(entries: list[Entry], rep: list[int], shd: list[int], geos: list) -> int:
