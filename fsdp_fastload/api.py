@@ -302,14 +302,20 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     packer = (Packer(rep_sources, layout, read_threads=opts["read_threads"], facts=facts,
                      names=[e.names[0] for e in rep_entries]) if is_src else None)
     if distributed:
-        broadcast_fill(targets[0], layout, is_src=is_src, packer=packer, meanwhile=carve_all, **fill)
+        # With shards the views are made during the scatters (on src: after its last one is posted;
+        # before them src's scatters would wait for work that needs no values).
+        broadcast_fill(targets[0], layout, is_src=is_src, packer=packer,
+                       meanwhile=None if shd else carve_all, **fill)
     else:
         pack_all(targets[0], layout, packer)
         carve_all()
-    views = part_views[0]
     per_rank = None
     shd_prepared: list = []
     if shd:
+        def carve_and_prepare_shards() -> None:
+            carve_all()
+            shd_prepared.extend(shard.prepare_shards(module, shd_entries, part_views[1], shd_local))
+
         if is_src:
             per_rank = [shard.local_sources(sources[i], entries[i], g, read_threads=opts["read_threads"])
                         for i, g in zip(shd, geos)]
@@ -320,9 +326,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                            max_inflight=opts["max_inflight"], timeout=timeout)
         shard.scatter_fill(targets[1], shd_layout, is_src=is_src, packers=packers if is_src else None,
                            src=src, group=group, device=device, sends=sends, progress=opts["progress"],
-                           max_inflight=opts["max_inflight"],
-                           meanwhile=lambda: shd_prepared.extend(shard.prepare_shards(
-                               module, shd_entries, part_views[1], shd_local)))
+                           max_inflight=opts["max_inflight"], meanwhile=carve_and_prepare_shards)
+    views = part_views[0]
     for pairs in conversions:
         for v, w in pairs:
             v.copy_(w)  # "send bf16, upcast after": the module's dtype wins
