@@ -69,8 +69,8 @@ def test_bound_rows_are_read_against_the_loader():
 
 
 def test_install_bound_installs_every_tensor():
-    """The bound does the per-tensor work it claims: every parameter and buffer replaced by a real
-    tensor of the same class, shape, dtype and requires_grad, all in one flat storage."""
+    """The bound does the per-tensor work it claims on a receiver: every parameter and buffer replaced
+    by a real tensor of the same class, shape, dtype and requires_grad, all in one flat storage."""
     import torch
     from torch import nn
 
@@ -80,7 +80,10 @@ def test_install_bound_installs_every_tensor():
         model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2, bias=False))
     model[2].weight.requires_grad_(False)
     before = {n: (type(t), t.shape, t.dtype, t.requires_grad) for n, t in model.state_dict(keep_vars=True).items()}
-    m_install_bound(model, 1, None)
+    class Ctx:
+        src = 0
+
+    m_install_bound(model, 1, Ctx)
     after = model.state_dict(keep_vars=True)
     assert {n: (type(t), t.shape, t.dtype, t.requires_grad) for n, t in after.items()} == before
     assert not any(t.is_meta for t in after.values())

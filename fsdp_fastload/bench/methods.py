@@ -109,11 +109,12 @@ def m_limit(model, rank, ctx):
 
 
 @method("install_bound", check=False,
-        note="a lower bound, not a loader: each rank only visits every parameter and buffer once and "
-             "installs a fresh tensor (an nn.Parameter for parameters) over one flat uninitialized buffer: "
-             "all views from one C++ carve call, the cheapest Parameter constructor, the garbage collector "
-             "paused; no communication, no planning, no values. The per-tensor Python that any loader "
-             "handing back modules full of torch tensors pays")
+        note="a lower bound, not a loader: each rank only visits every parameter and buffer once, and "
+             "the receivers install a fresh tensor (an nn.Parameter for parameters) over one flat "
+             "uninitialized buffer: all views from one C++ carve call, the cheapest Parameter "
+             "constructor, the garbage collector paused; no communication, no planning, no values (src "
+             "keeps its tensors, as ours does). The per-tensor Python that any loader handing back "
+             "modules full of torch tensors pays")
 def m_install_bound(model, rank, ctx):
     import gc
 
@@ -134,6 +135,8 @@ def m_install_bound(model, rank, ctx):
                         offsets.append(off)
                         shapes.append(t.shape)
                         off += (t.numel() * t.element_size() + 63) & ~63
+        if rank == ctx.src:  # src sends from its own tensors: it has nothing to install
+            return
         views = ops.carve(ops.alloc(off, torch.device("cpu")), ops.encode_spec(dtypes, offsets, shapes))
         make, param = torch.Tensor._make_subclass, nn.Parameter
         for (table, name, t), v in zip(slots, views):
