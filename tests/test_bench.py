@@ -66,6 +66,7 @@ def test_bound_rows_are_read_against_the_loader():
     assert "ours: 100 tensors take 2.50× the time of 1 tensor" in md
     assert "install_bound alone at 100 tensors takes 2.00× ours's time for 1 tensor" in md
     assert "install_bound: 100 tensors take" not in md
+    assert "install_bound ×1 tensor of ours" in md and "| 0.800 (0.800–0.800) | 4.00× | 2.00× |" in md
 
 
 def test_install_bound_installs_every_tensor():
