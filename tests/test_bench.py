@@ -64,7 +64,7 @@ def test_bound_rows_are_read_against_the_loader():
                ("install_bound", 1, 4_000_000): [_run(0.01)], ("install_bound", 100, 4_000_000): [_run(0.8)]}
     md = sweep.tables(sp, results)
     assert "ours: 100 tensors take 2.50× the time of 1 tensor" in md
-    assert "install_bound alone at 100 tensors takes 2.00× ours's time for 1 tensor" in md
+    assert "install_bound alone at 100 tensors takes 2.00× the time of ours for 1 tensor" in md
     assert "install_bound: 100 tensors take" not in md
     assert "install_bound ×1 tensor of ours" in md and "| 0.800 (0.800–0.800) | 4.00× | 2.00× |" in md
 

@@ -169,9 +169,9 @@ def _goal(points: list[Point], others: list[str], st: dict) -> str:
             out.append(f"{m}: {most.count:,} tensors take {r:.2f}× the time of 1 tensor of the same "
                        f"{fmt_bytes(most.nbytes)} (goal ≤ {GOAL}×: {'met' if r <= GOAL else 'NOT met'}).")
         else:  # a bound: what the per-tensor work alone costs, against the loader's 1-tensor time
-            out.append(f"{m} alone at {most.count:,} tensors takes {r:.2f}× {ref}'s time for 1 tensor "
-                       f"of the same {fmt_bytes(most.nbytes)}: no loader that does at least this meets "
-                       f"{GOAL}× there.")
+            out.append(f"{m} alone at {most.count:,} tensors takes {r:.2f}× the time of {ref} for 1 "
+                       f"tensor of the same {fmt_bytes(most.nbytes)}: no loader that does at least this "
+                       f"meets {GOAL}× there.")
     return "\n".join(out)
 
 
