@@ -82,6 +82,12 @@ def compare_sharded(model, ref, rank, world, *, forward=None) -> list[str]:
             bad.append(f"{fp._param_fqn or fp._module_info.param_name}: FSDP2 padded shard is a copy")
         elif n_local < data.numel() and bool(data[n_local:].ne(0).any()):
             bad.append(f"{fp._module_info.param_name}: padding not zero")
+        # materialize resets most FSDPParams itself: FSDP2's own reset must find nothing left to do
+        state, local = dict(fp.__dict__), fp.sharded_param._local_tensor
+        fp.reset_sharded_param()
+        if fp.sharded_param._local_tensor is not local or any(
+                fp.__dict__.get(k) is not v for k, v in state.items()) or fp.__dict__.keys() != state.keys():
+            bad.append(f"{fp._module_info.param_name}: FSDP2's reset_sharded_param changed its state")
     if len(storages) > 1:
         bad.append(f"local shards live in {len(storages)} storages, expected one flat buffer")
     if forward is not None and not bad:
@@ -243,3 +249,4 @@ def test_unsupported_placement_raises_on_every_rank():
     for rank, (msg, still_meta) in enumerate(run_ranks(_partial_worker, 2)):
         assert "not supported: '0.weight' is a DTensor with placements" in msg and "Partial" in msg, msg
         assert f"this is rank {rank}" in msg and still_meta, msg
+
