@@ -300,16 +300,17 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
 
     # 4. fill: bucket by bucket, src packing/reading the next while the current one is in flight.
     packer = (Packer(rep_sources, layout, read_threads=opts["read_threads"], facts=facts,
-                     names=[e.names[0] for e in rep_entries]) if is_src else None)
-    if distributed:
+                     names=[e.names[0] for e in rep_entries]) if is_src and layout.buckets else None)
+    if distributed and layout.buckets:
         # With shards the views are made during the scatters (on src: after its last one is posted;
         # before them src's scatters would wait for work that needs no values).
         broadcast_fill(targets[0], layout, is_src=is_src, packer=packer,
                        meanwhile=None if shd else carve_all, **fill)
-    else:
-        pack_all(targets[0], layout, packer)
-        carve_all()
-    per_rank = None
+    else:  # one process, or nothing replicated to send (every rank has the same layout: no collective)
+        if packer is not None:
+            pack_all(targets[0], layout, packer)
+        if not shd:
+            carve_all()
     shd_prepared: list = []
     if shd:
         def carve_and_prepare_shards() -> None:
@@ -317,11 +318,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
             shd_prepared.extend(shard.prepare_shards(module, shd_entries, part_views[1], shd_local))
 
         if is_src:
-            per_rank = [shard.local_sources(sources[i], entries[i], g, read_threads=opts["read_threads"])
-                        for i, g in zip(shd, geos)]
-            shd_names = [entries[i].names[0] for i in shd]
-            packers = [Packer([p[r] for p in per_rank], shd_layout, read_threads=opts["read_threads"],
-                              names=shd_names) for r in range(len(ranks))]
+            packers = shard.rank_packers([sources[i] for i in shd], shd_entries, geos, shd_layout,
+                                         read_threads=opts["read_threads"])
         sends = Broadcasts(shd_layout, src=src, group=group, device=device, op="scatter",
                            max_inflight=opts["max_inflight"], timeout=timeout)
         shard.scatter_fill(targets[1], shd_layout, is_src=is_src, packers=packers if is_src else None,
@@ -348,6 +346,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     if verify and distributed:
         _verify(rep_entries, views, group=group, src=src, rank=rank, comm_device=comm_device)
         if shd:
+            per_rank = [shard.local_sources(sources[i], entries[i], g, read_threads=opts["read_threads"])
+                        for i, g in zip(shd, geos)] if is_src else None
             shard.verify_shards(shd_entries, part_views[1], geos, per_rank, group=group, src=src,
                                 rank=rank, comm_device=comm_device)
     commit_install(rep_entries, prepared)

@@ -54,12 +54,16 @@ class Packer:
     """
 
     def __init__(self, sources: list, layout: Layout, *, read_threads: int = 4, names: list | None = None,
-                 facts: list | None = None):
+                 facts: list | None = None, pieces: tuple[list, list] | None = None):
+        """`pieces`: (byte offsets, element counts) per source, where entry i's bytes are that many
+        elements of `sources[i]` from that byte on, already in its wire dtype (a shard of a full
+        tensor or file range, without a slice object per shard); an offset of None: the whole source."""
         self.read_threads = read_threads
         self.names = names  # per source: the tensor's name, for error messages
         wire_off, wire_dtype = layout.wire, layout.wire_dtype
         if facts is None:
             facts = memory_facts(sources)
+        skips, counts = pieces if pieces is not None else (None, None)
         spans = [(wire_off[i], i) for i in range(len(sources)) if wire_off[i] >= 0 and sources[i] is not None]
         spans.sort()
         starts, ends, kinds, objs, offs, runs, ids = [], [], [], [], [], [], []
@@ -68,11 +72,14 @@ class Packer:
         for w, i in spans:
             src, wire = sources[i], wire_dtype[i]
             base = None
+            skip = None if skips is None else skips[i]
             f = facts[i]
             if f is not None:  # a contiguous tensor with memory
                 addr, base, dtype, numel, dev = f
+                if skip is not None:
+                    addr, numel = addr + skip, counts[i]
                 if dtype == wire:
-                    kind, obj, off = _MEM, src, 0
+                    kind, obj, off = _MEM, src, skip or 0
                     # CPU memory: one piece across storages too, over gaps small enough to be mapped
                     key = (_MEM, -1, addr - w) if dev < 0 else (_MEM, dev, base, addr - w)
                 else:
@@ -80,13 +87,16 @@ class Packer:
             elif isinstance(src, torch.Tensor):  # strided: made contiguous (and converted) when packed
                 numel, kind, obj, off, key = src.numel(), _CONV, src, wire, None
             elif isinstance(src, FileTensor):
-                numel = src.nbytes // src.dtype.itemsize
+                numel = src.nbytes // src.dtype.itemsize if skip is None else counts[i]
                 if src.dtype == wire:
-                    kind, obj, off, key = _FILE, src.path, src.offset, (_FILE, src.path, src.offset - w)
+                    off = src.offset + (skip or 0)
+                    kind, obj, key = _FILE, src.path, (_FILE, src.path, off - w)
                 else:
                     kind, obj, off, key = _CONV, src, wire, None
             else:  # a lazily materialized source (shard.py): shape and dtype, converted when packed
                 numel, kind, obj, off, key = _numel(src), _CONV, src, wire, None
+            if skip is not None and kind == _CONV:
+                raise ValueError(f"Packer: source {i} is a piece that needs converting; pass the piece itself")
             if not numel:
                 continue
             crosses = key is not None and key == prev and base != prev_base
@@ -174,9 +184,10 @@ class Packer:
             first = bisect.bisect_left(self.runs, run)
             if a < self.starts[first] or b > self.run_end[run]:
                 return None
-            addr = t.data_ptr() - self.starts[j0] + a
+            addr = t.data_ptr() + self.offs[j0] - self.starts[j0] + a
             return torch.frombuffer((ctypes.c_char * (b - a)).from_address(addr), dtype=torch.uint8)
-        base = t.data_ptr() - t.untyped_storage().data_ptr() - self.starts[j0]  # storage byte of wire 0
+        # storage byte of wire byte 0
+        base = t.data_ptr() + self.offs[j0] - t.untyped_storage().data_ptr() - self.starts[j0]
         sb = self._storage_bytes(j0)
         lo, hi = a + base, b + base
         if lo < 0 or hi > sb.numel():
@@ -199,11 +210,11 @@ class Packer:
             return None
         if self.non_mem[j1] == self.non_mem[j0] and not split_device:  # plain memory: arguments by slicing
             tensors = self.objs[j0:j1]
-            so = [0] * (j1 - j0)
+            so = self.offs[j0:j1]
             do = [s - a for s in self.starts[j0:j1]]
             ln = self.lens[j0:j1]
             if do[0] < 0:  # the first span began in an earlier bucket
-                so[0], ln[0], do[0] = -do[0], ln[0] + do[0], 0
+                so[0], ln[0], do[0] = so[0] - do[0], ln[0] + do[0], 0
             over = self.ends[j1 - 1] - b
             if over > 0:  # the last span goes on in the next bucket
                 ln[-1] -= over

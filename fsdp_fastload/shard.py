@@ -194,6 +194,50 @@ def local_sources(source, e: Entry, geo: Geometry, *, read_threads: int = 4) -> 
     return out
 
 
+def rank_packers(sources: list, entries: list[Entry], geos: list[Geometry], layout: Layout, *,
+                 read_threads: int = 4) -> list:
+    """src's packer of each group rank's bytes of the shard space (`layout`).
+
+    A box that is one contiguous range of a full source already in its wire dtype (a ``Shard(0)``
+    piece of a tensor or of a checkpoint file range) is addressed as (full source, byte offset,
+    elements): no slice object per rank and parameter. Any other box is made by `local_sources`.
+    """
+    from .fill import Packer
+    from .layout import memory_facts
+
+    world = len(geos[0].boxes) if geos else 0
+    wire = layout.wire_dtype
+    facts = memory_facts(sources)
+    odd: dict[int, list] = {}  # entry -> its per-rank sources from `local_sources`
+    for i, (s, g) in enumerate(zip(sources, geos)):
+        f = facts[i]
+        plain = (f[2] == wire[i]) if f is not None else (type(s) is FileTensor and s.dtype == wire[i])
+        if not plain or None in g.starts:
+            odd[i] = local_sources(s, entries[i], g, read_threads=read_threads)
+    counts: dict = {}  # (geometry, rank) -> elements of that rank's box
+    names = [e.names[0] for e in entries]
+    out = []
+    for r in range(world):
+        srcs, piece_facts = list(sources), list(facts)
+        for i, per in odd.items():
+            srcs[i] = per[r]
+            piece_facts[i] = memory_facts([per[r]])[0]
+        skips, numels = [], []
+        for i, g in enumerate(geos):
+            if i in odd:
+                skips.append(None)
+                numels.append(None)
+                continue
+            n = counts.get((id(g), r))
+            if n is None:
+                n = counts[(id(g), r)] = _numel(g.boxes[r][0])
+            skips.append(g.starts[r] * wire[i].itemsize)
+            numels.append(n)
+        out.append(Packer(srcs, layout, read_threads=read_threads, names=names, facts=piece_facts,
+                          pieces=(skips, numels)))
+    return out
+
+
 def slot_entries(entries: list[Entry], geos: list[Geometry]) -> list[Entry]:
     """One virtual 1-D entry per sharded entry: the slot every rank has for it."""
     return [Entry([e.names[0]], e.kind, True, e.dtype, (g.slot_numel,), e.requires_grad, "slot", None)

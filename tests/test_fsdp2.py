@@ -54,8 +54,9 @@ def compare_sharded(model, ref, rank, world, *, forward=None) -> list[str]:
             if local.is_meta or local.device.type != "cpu":
                 bad.append(f"{n}: local shard on {local.device}")
                 continue
-            chunks = torch.chunk(w, world, dim=0)
-            expect = chunks[rank] if rank < len(chunks) else w[w.shape[0]:]
+            dim = g.placements[0].dim
+            chunks = torch.chunk(w, world, dim=dim)
+            expect = chunks[rank] if rank < len(chunks) else w.narrow(dim, w.shape[dim], 0)
             if local.dtype != w.dtype or not torch.equal(local, expect):
                 bad.append(f"{n}: local shard is not rank {rank}'s chunk")
             full = g.full_tensor()
@@ -250,3 +251,51 @@ def test_unsupported_placement_raises_on_every_rank():
         assert "not supported: '0.weight' is a DTensor with placements" in msg and "Partial" in msg, msg
         assert f"this is rank {rank}" in msg and still_meta, msg
 
+
+class ColumnNet(nn.Module):
+    """Weights sharded on dim 1 (FSDP2's `shard_placement_fn`): a rank's box is a block of columns,
+    not one contiguous range of the full tensor or of the checkpoint file."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def _column_worker(rank, world, source):
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from fsdp_fastload import materialize
+
+    torch.manual_seed(0)
+    ref = ColumnNet()
+    if source.endswith(".safetensors"):  # the reference holds what the file holds, in the model's dtype
+        ref.load_state_dict({k: v.float() for k, v in load_file(source).items()})
+    with torch.device("meta"):
+        model = ColumnNet()
+    mesh = _mesh(world)
+    for m in (model.a, model.b, model):
+        fully_shard(m, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 else Shard(0))
+    sd = (dict(ref.state_dict()) if source == "mapping" else source) if rank == 0 else None
+    materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
+    if {p.placements[0].dim for p in model.parameters() if p.ndim == 2} != {1}:
+        return ["weights are not Shard(1)"]
+    return compare_sharded(model, ref, rank, world, forward=lambda m: m(torch.ones(3, 6)).detach())
+
+
+@pytest.mark.parametrize("dtype", ["mapping", torch.float32, torch.bfloat16])
+def test_shard_dim1_boxes(tmp_path, dtype):
+    """Column boxes are cut out of the full tensor (or read whole from the file and converted from
+    bf16) on src, each rank getting exactly its torch.chunk(..., dim=1) piece."""
+    from safetensors.torch import save_file
+
+    source = "mapping"
+    if dtype != "mapping":
+        torch.manual_seed(0)
+        source = str(tmp_path / "model.safetensors")
+        save_file({k: v.to(dtype).contiguous() for k, v in ColumnNet().state_dict().items()}, source)
+    assert run_ranks(_column_worker, 2, source) == [[], []]
