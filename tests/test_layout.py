@@ -101,3 +101,53 @@ def test_long_run_in_buckets(bucket):
     packer = Packer([e.tensor for e in entries], layout)
     assert all(packer.direct_view(a, b) is not None for a, b in layout.buckets)
     _check_sent(entries, layout, _wire_bytes(entries, layout, packer))
+
+
+def test_fingerprint_covers_dtensor_placements():
+    """Ranks whose DTensor placements differ must not agree: the fingerprint covers each entry's
+    placement (kept as codes into a table of the distinct ones), in order."""
+    from fsdp_fastload.manifest import fingerprint
+
+    entries = build_manifest(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+    row = (("Shard(dim=0)",), (2,), (0, 1))
+    col = (("Shard(dim=1)",), (2,), (0, 1))
+
+    def fp(places):
+        for e, p in zip(entries, places):
+            e.placement = p
+        return fingerprint(entries, (0,))
+
+    base = fp([row, row, row, row])
+    assert fp([row, row, row, row]) == base
+    assert fp([row, col, row, row]) != base
+    assert fp([row, row, row, None]) != base
+    assert fp([col, row, row, row]) != fp([row, col, row, row])
+    assert fp([None] * 4) != base
+
+
+def test_packer_pieces_send_the_same_bytes_as_slices():
+    """A packer given (byte offset, count) pieces of whole tensors packs exactly what one given the
+    slices themselves packs (the FSDP2 shard packers' addressing)."""
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(10, 3, generator=g), torch.randn(7, generator=g).to(torch.bfloat16),
+            torch.randn(4, 4, generator=g)]
+    starts, counts = [6, 4, 8], [12, 3, 8]  # elements
+    slices = [t.reshape(-1)[s:s + n] for t, s, n in zip(full, starts, counts)]
+    m = nn.Module()
+    for k, s in enumerate(slices):
+        m.register_buffer(f"b{k}", torch.empty_like(s))
+    entries = build_manifest(m)
+    layout = plan(entries, bucket_size=64, direct_min=1 << 20)
+    by_slice = Packer(slices, layout)
+    by_piece = Packer(full, layout, pieces=([s * t.element_size() for s, t in zip(starts, full)], counts))
+    for a, b in layout.buckets:
+        want, got = torch.full((b - a,), 7, dtype=torch.uint8), torch.full((b - a,), 7, dtype=torch.uint8)
+        by_slice.pack(a, b, want)
+        by_piece.pack(a, b, got)
+        assert torch.equal(got, want), (a, b)
+    wire = torch.zeros(layout.wire_total, dtype=torch.uint8)
+    for a, b in layout.buckets:
+        by_piece.pack(a, b, wire[a:b])
+    for i, s in enumerate(slices):
+        w = layout.wire[i]
+        assert torch.equal(wire[w:w + s.nbytes], s.reshape(-1).view(torch.uint8)), entries[i].names
