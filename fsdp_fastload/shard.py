@@ -360,11 +360,17 @@ def prepare_shards(module: nn.Module, entries: list[Entry], slots: list[torch.Te
 
     fsdp = _fsdp_params(module, entries)
     out = []
+    make = None  # DTensor's constructor: the full one until the first parameter shows __new__ is enough
     for e, slot, view in zip(entries, slots, local):
         old = e.tensor
         # The meta DTensor's spec (mesh, placements, global shape and stride) over the local view; a
         # fresh leaf, so marking it a parameter is what nn.Parameter(dt) does, minus its detach.
-        new = DTensor(view, old._spec, requires_grad=e.requires_grad and e.kind == "param")
+        rg = e.requires_grad and e.kind == "param"
+        if make is None:
+            new = DTensor(view, old._spec, requires_grad=rg)
+            make = _dtensor_maker(new, view, old._spec, rg)
+        else:
+            new = make(DTensor, view, old._spec, requires_grad=rg)
         if e.kind == "param":
             new._is_param = True
         for k, val in getattr(old, "__dict__", {}).items():
@@ -376,6 +382,19 @@ def prepare_shards(module: nn.Module, entries: list[Entry], slots: list[torch.Te
                                "elements; please report this with your torch version.")
         out.append((new, fp))
     return out
+
+
+def _dtensor_maker(made, view, spec, requires_grad: bool):
+    """How to make the other DTensors like `made` (made by `DTensor(view, spec, ...)`): DTensor's
+    ``__new__`` alone when it gives the same object (in torch 2.13 ``__init__`` only calls the base
+    class's, behind dynamo/export wrappers that cost ~4 us a call), else the full constructor."""
+    from torch.distributed.tensor import DTensor
+
+    other = DTensor.__new__(DTensor, view, spec, requires_grad=requires_grad)
+    same = (type(other) is type(made) and other.__dict__.keys() == made.__dict__.keys()
+            and other._spec is made._spec and other._local_tensor is made._local_tensor
+            and other.requires_grad == made.requires_grad and other.shape == made.shape)
+    return DTensor.__new__ if same else (lambda cls, *a, **k: cls(*a, **k))
 
 
 def install_shards(entries: list[Entry], slots: list[torch.Tensor], prepared: list[tuple]) -> None:
