@@ -91,6 +91,39 @@ def test_install_bound_installs_every_tensor():
     assert len({t.untyped_storage().data_ptr() for t in after.values()}) == 1
 
 
+def _read_bcast_worker(rank, world, ckpt_dir):
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from fsdp_fastload.bench.methods import Ctx, _read_bcast_prepare, m_read_bcast_bound
+
+    ctx = Ctx(rank=rank, world_size=world, src=0, group=dist.group.WORLD, ckpt_dir=Path(ckpt_dir),
+              ckpt_file=None, nbytes=0)
+    _read_bcast_prepare(None, rank, ctx)
+    m_read_bcast_bound(None, rank, ctx)
+    return bytes(ctx.state["buf"].numpy())
+
+
+def test_read_bcast_bound_delivers_the_data_sections(tmp_path):
+    """The bound reads every file's data section on rank 0 (in several pieces) and every rank ends
+    with exactly those bytes, files in order."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dist_harness import run_ranks
+
+    g = torch.Generator().manual_seed(0)
+    want = b""
+    for k in range(2):
+        path = tmp_path / f"model-0000{k + 1}-of-00002.safetensors"
+        save_file({f"w{k}.{i}": torch.randn(1000 + i, generator=g) for i in range(1200)}, str(path))
+        raw = path.read_bytes()
+        want += raw[8 + int.from_bytes(raw[:8], "little"):]
+    assert len(want) > 8 << 20  # several of the bound's 4 MiB pieces
+    assert run_ranks(_read_bcast_worker, 2, str(tmp_path)) == [want, want]
+
+
 def test_failed_run_is_reported(tmp_path):
     job = Job(key=("x",), label="[test] missing", method="no_such_method",
               model={"kind": "synthetic", "count": 1, "numel": 4})

@@ -194,6 +194,47 @@ def m_read_floor(model, rank, ctx):
         ctx.state.setdefault("bufs", []).append(buf)
 
 
+def _read_bcast_prepare(model, rank, ctx):
+    from fsdp_fastload.api import _auto_bucket
+
+    _read_floor_prepare(model, rank, ctx)
+    spans = [(f, rs[0][0], rs[-1][0] + rs[-1][1]) for f, rs in ctx.state["ranges"].items() if rs]
+    size = _auto_bucket(sum(b - a for _, a, b in spans))
+    pieces, at = [], 0  # (file, file offset, buffer offset, bytes): each file's data in bucket-sized pieces
+    for f, a, b in spans:
+        for o in range(a, b, size):
+            n = min(size, b - o)
+            pieces.append((f, o, at, n))
+            at += n
+    ctx.state["pieces"], ctx.state["total"] = pieces, at
+
+
+@method("read_bcast_bound", setup="meta", prepare=_read_bcast_prepare, check=False, end_to_end=True,
+        note="a lower bound for ours_sd, not a loader: rank 0 reads each file's data section in pieces "
+             "of ours' bucket size (read_ranges op, 4 threads) and broadcasts each piece as soon as it "
+             "is read (4 in flight), rank 1 receives into one flat buffer; no model, no planning. What "
+             "reading and broadcasting cost together when they share this machine's CPUs (read_floor "
+             "and floor each have them alone)")
+def m_read_bcast_bound(model, rank, ctx):
+    import collections
+
+    import torch.distributed as dist
+
+    from fsdp_fastload import ops
+
+    buf = ops.alloc(ctx.state["total"], "cpu")
+    inflight: collections.deque = collections.deque()
+    for f, fo, do, n in ctx.state["pieces"]:
+        if len(inflight) >= 4:
+            inflight.popleft().wait()
+        if rank == ctx.src:
+            ops.read_ranges(f, buf, [fo], [do], [n], num_threads=4)
+        inflight.append(dist.broadcast(buf[do:do + n], src=ctx.src, async_op=True))
+    for w in inflight:
+        w.wait()
+    ctx.state["buf"] = buf
+
+
 # -- transformers -----------------------------------------------------------------------------------
 
 
@@ -336,7 +377,7 @@ def m_ours_ddp_sync(model, rank, ctx):
     ctx.state["ddp"] = _ddp(model, init_sync=True)
 
 
-DEFAULT_METHODS = ["floor", "limit", "ours", "ours_sd", "read_floor", "ours_fsdp2", "ours_fsdp2_sd",
+DEFAULT_METHODS = ["floor", "limit", "ours", "ours_sd", "read_floor", "read_bcast_bound", "ours_fsdp2", "ours_fsdp2_sd",
                    "ours_ddp", "ours_ddp_sync", "ddp_sync", "dcp_full", "dcp_fsdp2", "accelerate_fsdp2",
                    "hf_every_rank", "hf0_ddp_sync"]
 DEFAULT_SWEEP_METHODS = ["floor", "ours", "install_bound"]
