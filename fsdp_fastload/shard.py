@@ -403,11 +403,11 @@ def install_shards(entries: list[Entry], slots: list[torch.Tensor], prepared: li
     FSDP2's own `reset_sharded_param` (what it runs after `load_state_dict(assign=True)`), given the
     padded slot as its data beforehand, finds the local tensor already in that storage and only
     records the new parameter's spec (unless it must pin memory for CPU offload). That one assignment
-    is done here for all but the first parameter (~6 us a call saved, per parameter, on every rank),
-    once FSDP2's own reset of the first parameter is seen to change nothing else; any difference,
-    or offload, and every parameter goes through FSDP2's reset.
+    is done here (~6 us a call saved, per parameter, on every rank) once FSDP2's own reset of a first
+    parameter is seen to change nothing else; after any difference every parameter goes through
+    FSDP2's reset, and so does every parameter whose group offloads to pinned memory.
     """
-    fast = None  # unknown until the first FSDPParam is reset by FSDP2 itself
+    fast = None  # unknown until a first (unpinned) FSDPParam is reset by FSDP2 itself
     for e, slot, (new, fp) in zip(entries, slots, prepared):
         for mod, attr in e.owners:
             (mod._parameters if e.kind == "param" else mod._buffers)[attr] = new
@@ -415,10 +415,10 @@ def install_shards(entries: list[Entry], slots: list[torch.Tensor], prepared: li
             continue
         fp._sharded_param_data = slot  # the padded shard (1-D): same storage, so no re-pad copy
         fp.sharded_param = new
-        if fast:
+        pinned = getattr(fp, "pin_memory", True)  # per fully_shard group: offload policies may differ
+        if fast and not pinned:
             fp._sharding_spec = new._spec
-            continue
-        if fast is None:
+        elif fast is None and not pinned:
             fast = _reset_is_spec_only(fp, new, slot)
         else:
             fp.reset_sharded_param()
@@ -430,7 +430,7 @@ def _reset_is_spec_only(fp, new, slot) -> bool:
     before, local = dict(fp.__dict__), new._local_tensor
     fp.reset_sharded_param()
     after = fp.__dict__
-    if (getattr(fp, "pin_memory", True) or before.keys() != after.keys() or new._local_tensor is not local
+    if (before.keys() != after.keys() or new._local_tensor is not local
             or after.get("_sharding_spec") is not new._spec or after.get("_sharded_param_data") is not slot):
         return False
     return all(after[k] is v for k, v in before.items() if k != "_sharding_spec")

@@ -299,3 +299,25 @@ def test_shard_dim1_boxes(tmp_path, dtype):
         source = str(tmp_path / "model.safetensors")
         save_file({k: v.to(dtype).contiguous() for k, v in ColumnNet().state_dict().items()}, source)
     assert run_ranks(_column_worker, 2, source) == [[], []]
+
+
+def _offload_worker(rank, world):
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    from fsdp_fastload import materialize
+
+    mesh = _mesh(world)
+    model = _uneven("meta")
+    # one group offloads (unpinned: pinning needs an accelerator), the others do not
+    fully_shard(model.blocks[0], mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False))
+    fully_shard(model.blocks[1], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ref = _uneven("cpu")
+    materialize(model, "cpu", state_dict=dict(ref.state_dict()) if rank == 0 else None)
+    return compare_sharded(model, ref, rank, world, forward=lambda m: m(torch.ones(4, 7)).detach())
+
+
+def test_groups_with_different_offload_policies():
+    """fully_shard groups differ in their offload policy: every FSDPParam ends as FSDP2's own reset
+    would leave it (compare_sharded checks), shards and forward bit-exact."""
+    assert run_ranks(_offload_worker, 2) == [[], []]
