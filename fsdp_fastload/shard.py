@@ -390,10 +390,13 @@ def _dtensor_maker(made, view, spec, requires_grad: bool):
     class's, behind dynamo/export wrappers that cost ~4 us a call), else the full constructor."""
     from torch.distributed.tensor import DTensor
 
-    other = DTensor.__new__(DTensor, view, spec, requires_grad=requires_grad)
-    same = (type(other) is type(made) and other.__dict__.keys() == made.__dict__.keys()
-            and other._spec is made._spec and other._local_tensor is made._local_tensor
-            and other.requires_grad == made.requires_grad and other.shape == made.shape)
+    try:  # another torch may spell __new__ differently: then the full constructor, as before
+        other = DTensor.__new__(DTensor, view, spec, requires_grad=requires_grad)
+        same = (type(other) is type(made) and other.__dict__.keys() == made.__dict__.keys()
+                and other._spec is made._spec and other._local_tensor is made._local_tensor
+                and other.requires_grad == made.requires_grad and other.shape == made.shape)
+    except Exception:  # noqa: BLE001
+        same = False
     return DTensor.__new__ if same else (lambda cls, *a, **k: cls(*a, **k))
 
 
