@@ -6,6 +6,7 @@ not overlapping. Data is later read with the `read_ranges` op straight into (sta
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -263,7 +264,8 @@ def hf_renamed(module, source: dict, names: set[str]) -> dict | None:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-        mapping = get_model_conversion_mapping(module)
+        with _unwrapped_classes(module, tf.PreTrainedModel):
+            mapping = get_model_conversion_mapping(module)
     except Exception:  # noqa: BLE001  an older or newer transformers without this machinery
         return None
     renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
@@ -278,3 +280,28 @@ def hf_renamed(module, source: dict, names: set[str]) -> dict | None:
             return None
         out[new] = value
     return out
+
+
+@contextlib.contextmanager
+def _unwrapped_classes(module, base: type):
+    """`fully_shard` gives each module it wraps a class of its own (`FSDPGPTNeoXForCausalLM` for
+    `GPTNeoXForCausalLM`), and transformers looks a model's key renamings up by class name first:
+    while inside, the `base` instances among `module`'s submodules that FSDP2 wrapped have their
+    own class back (restored on the way out, exceptions included)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2: nothing was wrapped by it
+        yield
+        return
+    swapped = []
+    try:
+        for m in module.modules():
+            cls = type(m)
+            if isinstance(m, base) and isinstance(m, FSDPModule) and cls.__bases__[:1] == (FSDPModule,) \
+                    and len(cls.__bases__) == 2:
+                m.__class__ = cls.__bases__[1]
+                swapped.append((m, cls))
+        yield
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls

@@ -4,8 +4,11 @@ For each architecture: a tiny model built from a config (seeded), saved with `sa
 (safetensors); then 2 gloo ranks load it with `materialize` both ways -- rank 0's `from_pretrained`
 model to a meta skeleton on rank 1 (`model`), and every rank meta with rank 0 passing the checkpoint
 directory (`dir`) -- and every rank compares every parameter and buffer (tied names included), the
-tie groups and the forward output bit for bit with single-process `from_pretrained`. A checkpoint
-whose keys need transformers' own conversion must be refused with a clear error (`refused`).
+tie groups and the forward output bit for bit with single-process `from_pretrained`; then, sharded
+with FSDP2 (`fsdp2`: `fully_shard` on every block of every ModuleList, then the root, on a 2-rank CPU
+mesh, rank 0 passing the directory), every parameter's `full_tensor()`, every buffer, the ties and
+the sharded forward output. A checkpoint whose keys need transformers' own conversion must be
+refused with a clear error (`refused`).
 
     python scripts/zoo_check.py                 # every architecture below
     python scripts/zoo_check.py t5 whisper      # some of them
@@ -128,6 +131,51 @@ def _compare(model, ref, kind: str, grad_from=None) -> list[str]:
     return bad
 
 
+FLOWS = ("model", "dir", "fsdp2")
+
+
+def _shard(model, mesh):
+    """torchtitan's recipe, by structure: every block of every outermost ModuleList (not the lists
+    inside a block: T5's and ALBERT's blocks hold their own), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks, inside = [], set()
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.ModuleList) and not any(name.startswith(b + ".") for b in inside):
+            for i, block in enumerate(m):
+                blocks.append(block)
+                inside.add(f"{name}.{i}")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _compare_sharded(model, ref, kind: str, grad_from) -> list[str]:
+    """`_compare` for a sharded model: full tensors (collective), then the sharded forward."""
+    from torch.distributed.tensor import DTensor
+
+    got, want = _tensors(model), _tensors(ref)
+    grads = {n: t.requires_grad for n, t in _tensors(grad_from).items()}
+    bad = [f"names differ: {sorted(set(got) ^ set(want))[:5]}"] if set(got) != set(want) else []
+    for n in sorted(want):
+        t, w = got.get(n), want[n]
+        if t is None:
+            continue
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if full.is_meta or full.dtype != w.dtype or full.shape != w.shape or not torch.equal(full, w):
+            bad.append(f"{n}: differs")
+        elif t.requires_grad != grads.get(n):
+            bad.append(f"{n}: requires_grad differs")
+    if _ties(model) != _ties(ref):
+        bad.append("tie groups differ")
+    if not bad:
+        outs, refs = _output(model, kind), _output(ref, kind)
+        if len(outs) != len(refs) or not all(torch.equal(a, b) for a, b in zip(outs, refs)):
+            bad.append("forward output differs")
+    return bad
+
+
 def _worker(rank: int, port: int, names: list[str], root: str, q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -136,12 +184,15 @@ def _worker(rank: int, port: int, names: list[str], root: str, q) -> None:
 
     from fsdp_fastload import MaterializeError, materialize
 
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2,))
     results = {}
     for name in names:
         cfg_cls, _, model_cls, kind = ARCHS[name]
         path = os.path.join(root, name)
         cls = getattr(transformers, model_cls)
-        for flow in ("model", "dir"):
+        for flow in FLOWS:
             try:
                 ref = cls.from_pretrained(path).eval()
                 config = transformers.AutoConfig.from_pretrained(path)
@@ -150,8 +201,14 @@ def _worker(rank: int, port: int, names: list[str], root: str, q) -> None:
                 else:
                     with torch.device("meta"):
                         model = cls._from_config(config).eval()
+                    if flow == "fsdp2":
+                        try:
+                            _shard(model, mesh)
+                        except Exception as e:  # noqa: BLE001  FSDP2's own limits (scalar parameters)
+                            results[(name, flow)] = f"fully_shard refuses: {type(e).__name__}: {str(e)[:120]}"
+                            continue
                 try:
-                    materialize(model, "cpu", state_dict=path if (flow == "dir" and rank == 0) else None)
+                    materialize(model, "cpu", state_dict=path if (flow != "model" and rank == 0) else None)
                 except MaterializeError as e:
                     msg = str(e)
                     results[(name, flow)] = ("refused" if "conversion" in msg or "src-model flow" in msg
@@ -160,10 +217,11 @@ def _worker(rank: int, port: int, names: list[str], root: str, q) -> None:
                 # `dir`: every rank builds the model, so `requires_grad` is the model's own (transformers
                 # 5 drops requires_grad=False on load: Whisper's positions); `model`: src's, as loaded.
                 fresh = None
-                if flow == "dir":
+                if flow != "model":
                     with torch.device("meta"):
                         fresh = cls._from_config(config)
-                bad = _compare(model, ref, kind, grad_from=fresh)
+                bad = (_compare_sharded(model, ref, kind, fresh) if flow == "fsdp2"
+                       else _compare(model, ref, kind, grad_from=fresh))
                 results[(name, flow)] = "ok" if not bad else "MISMATCH: " + "; ".join(bad[:5])
             except Exception as e:  # noqa: BLE001  report, go on with the next case
                 results[(name, flow)] = f"crash: {type(e).__name__}: {str(e)[:300]}"
@@ -213,9 +271,9 @@ def main(argv: list[str]) -> int:
         p.join()
     failed = 0
     for name in built:
-        for flow in ("model", "dir"):
+        for flow in FLOWS:
             rows = [got[r][(name, flow)] for r in range(2)]
-            ok = all(r == "ok" or r.startswith("refused") for r in rows)
+            ok = all(r == "ok" or r.startswith(("refused", "fully_shard refuses")) for r in rows)
             failed += not ok
             print(f"{name:12s} {flow:5s} " + " | ".join(f"rank {r}: {row}" for r, row in enumerate(rows)))
     print(f"{len(built)} architectures, {failed} failing case(s)")

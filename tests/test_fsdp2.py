@@ -145,6 +145,39 @@ def test_fsdp2_bf16_checkpoint_into_fp32_params(ckpts):
         assert res["llama_bf16"] == [], f"rank {rank}: {res['llama_bf16']}"
 
 
+def _renamed_fsdp2_worker(rank, world, path):
+    import transformers
+
+    from fsdp_fastload import materialize
+
+    cls = transformers.GPTNeoXForCausalLM
+    with torch.device("meta"):
+        model = cls._from_config(transformers.AutoConfig.from_pretrained(path))
+    shard_model(model, _mesh(world))
+    classes = {name: type(m) for name, m in model.named_modules()}
+    materialize(model, "cpu", state_dict=path if rank == 0 else None, poison=True)
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    bad = compare_sharded(model, cls.from_pretrained(path).eval(), rank, world,
+                          forward=lambda m: models.logits(m, {"input_ids": ids}))
+    if {name: type(m) for name, m in model.named_modules()} != classes:
+        bad.append("a module's class changed")
+    return bad
+
+
+def test_keys_transformers_renames_into_fsdp2_model(tmp_path):
+    """GPT-NeoX's checkpoint says `embed_out.weight`; transformers finds that renaming by the model's
+    class name, which `fully_shard` changes (`FSDPGPTNeoXForCausalLM`): src still applies it, every
+    shard is bit-exact and the wrapped classes are left as FSDP2 made them."""
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=128)).save_pretrained(tmp_path / "neox")
+    for rank, bad in enumerate(run_ranks(_renamed_fsdp2_worker, 2, str(tmp_path / "neox"))):
+        assert bad == [], f"rank {rank}: {bad}"
+
+
 class UnevenNet(nn.Module):
     """Uneven shards, a dimension smaller than the world, persistent BatchNorm stats, an int buffer."""
 

@@ -1,7 +1,8 @@
 """The architecture sweep (`scripts/zoo_check.py`) as a test: 21 transformers architectures that the
 other tests do not list (encoder-decoders with shared embeddings, ALiBi, Mamba, Conv1D, vision,
-audio, dual-tower CLIP, renamed checkpoint keys), both flows on 2 gloo ranks, every tensor, the tie
-groups and the forward output bit for bit against `from_pretrained`."""
+audio, dual-tower CLIP, renamed checkpoint keys), on 2 gloo ranks: both flows, and FSDP2 shards from
+the checkpoint directory (where `fully_shard` accepts the model); every tensor (full tensors of the
+shards), the tie groups and the forward output bit for bit against `from_pretrained`."""
 import os
 
 SCRIPTS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "scripts"))
