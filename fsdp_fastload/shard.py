@@ -135,14 +135,15 @@ def _strides(shape) -> list[int]:
 
 
 def _contiguous_start(full: tuple, shape: tuple, offset: tuple) -> int | None:
-    """Element offset of the box in the row-major full tensor if the box is one contiguous run."""
+    """Element offset of the box in the row-major full tensor if the box is one contiguous run:
+    size 1 in every dimension before some dimension d, the full size in every one after it (the
+    whole tensor, a block of rows, part of one row)."""
     if _numel(shape) == 0:
         return 0
-    st = _strides(full)
-    d = next((i for i in range(len(full)) if shape[i] != full[i]), len(full))
-    if any(shape[i] != 1 for i in range(d)) or any(shape[i] != full[i] for i in range(d + 1, len(full))):
+    d = next((i for i in range(len(shape)) if shape[i] != 1), len(shape))
+    if any(shape[i] != full[i] for i in range(d + 1, len(full))):
         return None
-    return sum(o * s for o, s in zip(offset, st))
+    return sum(o * s for o, s in zip(offset, _strides(full)))
 
 
 class _LazySlice:

@@ -151,3 +151,27 @@ def test_packer_pieces_send_the_same_bytes_as_slices():
     for i, s in enumerate(slices):
         w = layout.wire[i]
         assert torch.equal(wire[w:w + s.nbytes], s.reshape(-1).view(torch.uint8)), entries[i].names
+
+
+def test_contiguous_start_matches_torch_on_every_box():
+    """A shard box is sent as one byte range of the full source exactly when it is one contiguous
+    run of it (whole tensor, rows, part of a row), at the element torch's own view starts at."""
+    import itertools
+
+    from fsdp_fastload.shard import _contiguous_start
+
+    for full in [(4,), (3, 5), (2, 3, 4), (1, 6), (4, 1), (2, 1, 3)]:
+        t = torch.arange(torch.Size(full).numel()).reshape(full)
+        ranges = [[(o, n) for o in range(f + 1) for n in range(f - o + 1)] for f in full]
+        for box in itertools.product(*ranges):
+            v = t
+            for d, (o, n) in enumerate(box):
+                v = v.narrow(d, o, n)
+            got = _contiguous_start(full, tuple(n for _, n in box), tuple(o for o, _ in box))
+            flat = v.reshape(-1)
+            if not flat.numel():
+                assert got == 0, (full, box)
+                continue
+            lo = int(flat[0])
+            run = torch.equal(flat, torch.arange(lo, lo + flat.numel()))
+            assert got == (lo if run else None), (full, box, got)
