@@ -173,6 +173,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         cache: dict = {}
         geos = [shard.geometry(entries[i], ranks, cache) for i in shd]
         error = next((g for g in geos if isinstance(g, str)), None)
+    slots = shard.slot_entries(shd_entries, geos) if shd and error is None else []
     src_plan = None
     if error is None and is_src and state_dict is not None:
         try:
@@ -206,7 +207,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
             # the gaps would cost wire bytes and every receiver a second buffer: plan compact, packed.
             layout = plan(rep_entries, **rep_args)
         if shd:  # each scatter moves `world` pieces: keep src's staging near a bucket
-            shd_layout = plan(shard.slot_entries(shd_entries, geos), direct_min=direct_min,
+            shd_layout = plan(slots, direct_min=direct_min,
                               bucket_size=max(bucket // len(ranks), 1 << 20), wire=[wire_all[i] for i in shd])
     fp = fingerprint(entries, (src,)) if distributed else 0
     # CPU targets: the flat buffer is allocated now and its pages faulted in on a background thread
@@ -256,7 +257,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         return module
     parts = [(layout, rep_entries)]
     if shd:
-        parts.append((shd_layout, shard.slot_entries(shd_entries, geos)))
+        parts.append((shd_layout, slots))
     main_sizes = [lay.main_total for lay, _ in parts]
     wire_sizes = [lay.wire_total - lay.direct for lay, _ in parts]
     main = (early[:sum(main_sizes)] if early is not None and early.numel() >= sum(main_sizes)
