@@ -22,7 +22,12 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "C64": torch.complex64,
 }
+_DTYPES_ITEMSIZE = {k: (v, v.itemsize) for k, v in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
+def _where(path: str, name: str) -> str:
+    return f"{path}: tensor '{name}'"
 
 
 class CheckpointError(ValueError):
@@ -75,22 +80,23 @@ def parse_header(path: str) -> dict[str, FileTensor]:
         header = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an over-long integer, deep nesting
         raise CheckpointError(f"{path}: header is not valid JSON ({e}). The file is corrupt.") from None
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise CheckpointError(f"{path}: header is not a JSON object (got {type(header).__name__})")
     data_start, data_len = 8 + n, size - 8 - n
     out: dict[str, FileTensor] = {}
     spans = []
+    known, where = _DTYPES_ITEMSIZE, _where  # (error text made only on the error path)
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        where = f"{path}: tensor '{name}'"
-        if not isinstance(info, dict):
-            raise CheckpointError(f"{where}: entry is not an object")
+        if type(info) is not dict:
+            raise CheckpointError(f"{where(path, name)}: entry is not an object")
         name_of_dtype = info.get("dtype")
-        dtype = SAFETENSORS_DTYPES.get(name_of_dtype) if type(name_of_dtype) is str else None
-        if dtype is None:
-            raise CheckpointError(f"{where}: unknown dtype {info.get('dtype')!r} "
+        got = known.get(name_of_dtype) if type(name_of_dtype) is str else None
+        if got is None:
+            raise CheckpointError(f"{where(path, name)}: unknown dtype {info.get('dtype')!r} "
                                   f"(known: {', '.join(SAFETENSORS_DTYPES)})")
+        dtype, itemsize = got
         shape, offs = info.get("shape"), info.get("data_offsets")
         # (`type(x) is int`: JSON gives int or bool, and a bool is no size; plain loops, no generators)
         numel = 1
@@ -103,16 +109,16 @@ def parse_header(path: str) -> dict[str, FileTensor]:
                     break
                 numel *= s
         if numel < 0:
-            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+            raise CheckpointError(f"{where(path, name)}: shape {shape!r} is not a list of non-negative integers")
         if not (type(offs) is list and len(offs) == 2 and type(offs[0]) is int and type(offs[1]) is int):
-            raise CheckpointError(f"{where}: data_offsets {offs!r} is not [begin, end]")
+            raise CheckpointError(f"{where(path, name)}: data_offsets {offs!r} is not [begin, end]")
         begin, end = offs
         if not 0 <= begin <= end <= data_len:
-            raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] fall outside the data section "
-                                  f"of {data_len} bytes. The file is truncated or its header lies.")
-        if numel * dtype.itemsize != end - begin:
-            raise CheckpointError(f"{where}: shape {shape} x {dtype.itemsize} bytes = "
-                                  f"{numel * dtype.itemsize} bytes, but its span is {end - begin} bytes")
+            raise CheckpointError(f"{where(path, name)}: data_offsets [{begin}, {end}] fall outside the data "
+                                  f"section of {data_len} bytes. The file is truncated or its header lies.")
+        if numel * itemsize != end - begin:
+            raise CheckpointError(f"{where(path, name)}: shape {shape} x {itemsize} bytes = "
+                                  f"{numel * itemsize} bytes, but its span is {end - begin} bytes")
         spans.append((begin, end, name))
         out[name] = FileTensor(path, data_start + begin, end - begin, dtype, tuple(shape))
     spans.sort()
