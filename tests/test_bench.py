@@ -124,6 +124,43 @@ def test_read_bcast_bound_delivers_the_data_sections(tmp_path):
     assert run_ranks(_read_bcast_worker, 2, str(tmp_path)) == [want, want]
 
 
+def _sd_bound_worker(rank, world, ckpt_dir):
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+    import transformers
+
+    from fsdp_fastload.bench.methods import Ctx, _sd_bound_prepare, m_sd_bound
+
+    config = transformers.AutoConfig.from_pretrained(ckpt_dir)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    ctx = Ctx(rank=rank, world_size=world, src=0, group=dist.group.WORLD, ckpt_dir=Path(ckpt_dir),
+              ckpt_file=None, nbytes=0)
+    _sd_bound_prepare(model, rank, ctx)
+    m_sd_bound(model, rank, ctx)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ckpt_dir).state_dict()
+    got = model.state_dict()
+    return sorted(n for n, t in ref.items() if got[n].is_meta or not torch.equal(got[n], t))
+
+
+def test_sd_bound_installs_the_checkpoint_on_every_rank(tmp_path):
+    """The bound does the real work it claims (else it bounds nothing): after it, every rank's model
+    holds every checkpoint tensor, bit for bit, from a sharded checkpoint of two files."""
+    import torch
+    import transformers
+
+    from dist_harness import run_ranks
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path, max_shard_size="60KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    assert run_ranks(_sd_bound_worker, 2, str(tmp_path)) == [[], []]
+
+
 def test_failed_run_is_reported(tmp_path):
     job = Job(key=("x",), label="[test] missing", method="no_such_method",
               model={"kind": "synthetic", "count": 1, "numel": 4})

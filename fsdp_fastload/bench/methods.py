@@ -235,6 +235,74 @@ def m_read_bcast_bound(model, rank, ctx):
     ctx.state["buf"] = buf
 
 
+def _sd_bound_prepare(model, rank, ctx):
+    from fsdp_fastload.source import checkpoint_files, parse_header
+
+    _read_bcast_prepare(model, rank, ctx)
+    where, base = {}, 0  # checkpoint name -> byte offset in the concatenated data sections
+    for f in checkpoint_files(str(ctx.ckpt_dir)):
+        fts = parse_header(f)
+        if fts:
+            first = min(t.offset for t in fts.values())
+            where.update((name, base + t.offset - first) for name, t in fts.items())
+            base += max(t.offset + t.nbytes for t in fts.values()) - first
+    ctx.state["where"] = where
+
+
+@method("sd_bound", setup="meta", prepare=_sd_bound_prepare, check=False, end_to_end=True,
+        note="a lower bound for ours_sd, not a loader: read_bcast_bound (receivers fault their buffer "
+             "in on a thread first, as ours does) plus the per-tensor work no loader from a checkpoint "
+             "can skip: rank 0 parses the headers, and every rank walks its model once and installs "
+             "an nn.Parameter (a view for buffers) over each checkpoint tensor's bytes (one C++ carve "
+             "call, install_bound's loop). No agreement, no checks, no plan, no buffers recomputed")
+def m_sd_bound(model, rank, ctx):
+    import collections
+    import gc
+
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from fsdp_fastload import ops
+    from fsdp_fastload.source import checkpoint_files, parse_header
+
+    gc.disable()
+    try:
+        buf = ops.alloc(ctx.state["total"], "cpu")
+        faulting = ops.Prefault(buf) if rank != ctx.src else None
+        if rank == ctx.src:
+            for f in checkpoint_files(str(ctx.ckpt_dir)):
+                parse_header(f)
+        inflight: collections.deque = collections.deque()
+        for f, fo, do, n in ctx.state["pieces"]:
+            if len(inflight) >= 4:
+                inflight.popleft().wait()
+            if rank == ctx.src:
+                ops.read_ranges(f, buf, [fo], [do], [n], num_threads=4)
+            inflight.append(dist.broadcast(buf[do:do + n], src=ctx.src, async_op=True))
+        for w in inflight:
+            w.wait()
+        where, slots, dtypes, offsets, shapes = ctx.state["where"], [], [], [], []
+        for prefix, mod in model.named_modules():
+            dot = prefix + "." if prefix else ""
+            for table in (mod._parameters, mod._buffers):
+                for name, t in table.items():
+                    off = where.get(dot + name)
+                    if t is not None and off is not None:
+                        slots.append((table, name, t))
+                        dtypes.append(t.dtype)
+                        offsets.append(off)
+                        shapes.append(t.shape)
+        views = ops.carve(buf, ops.encode_spec(dtypes, offsets, shapes))
+        make, param = torch.Tensor._make_subclass, nn.Parameter
+        for (table, name, t), v in zip(slots, views):
+            table[name] = make(param, v, t.requires_grad) if type(t) is param else v
+        if faulting is not None:
+            faulting.join()
+    finally:
+        gc.enable()
+
+
 # -- transformers -----------------------------------------------------------------------------------
 
 
@@ -377,7 +445,7 @@ def m_ours_ddp_sync(model, rank, ctx):
     ctx.state["ddp"] = _ddp(model, init_sync=True)
 
 
-DEFAULT_METHODS = ["floor", "limit", "ours", "ours_sd", "read_floor", "read_bcast_bound", "ours_fsdp2", "ours_fsdp2_sd",
+DEFAULT_METHODS = ["floor", "limit", "ours", "ours_sd", "read_floor", "read_bcast_bound", "sd_bound", "ours_fsdp2", "ours_fsdp2_sd",
                    "ours_ddp", "ours_ddp_sync", "ddp_sync", "dcp_full", "dcp_fsdp2", "accelerate_fsdp2",
                    "hf_every_rank", "hf0_ddp_sync"]
 DEFAULT_SWEEP_METHODS = ["floor", "ours", "install_bound"]
