@@ -5,6 +5,7 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 import time
 import warnings
 
@@ -157,6 +158,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         error = (f"backend '{backend}' cannot broadcast CPU tensors (device={device}). "
                  "Use a gloo process group for CPU targets, or pass a CUDA device.")
     entries = build_manifest(module)
+    _warn_kept_in_fp32(module, entries, rank)
     if error is None:
         error = _check_local(entries, is_src=is_src, state_dict=state_dict)
     timeout = opts["timeout"]
@@ -445,6 +447,25 @@ def _resolve_device(device, backend: str) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def _warn_kept_in_fp32(module: nn.Module, entries: list[Entry], rank: int) -> None:
+    """A transformers model whose half-precision tensors `from_pretrained` would keep in float32
+    (`_keep_in_fp32_modules[_strict]`): usually a skeleton built with `from_config(dtype=...)`,
+    which will not equal `from_pretrained` (the module's dtypes win). Say so, and how to fix it."""
+    if "transformers" not in sys.modules:  # then `module` is no transformers model
+        return
+    from .integrations.transformers import half_tensors_kept_in_fp32
+
+    kept = half_tensors_kept_in_fp32(module, entries)
+    if kept:
+        dtype = next(e.dtype for e in entries if kept[0] in e.names)
+        warnings.warn(
+            f"fsdp_fastload.materialize (rank {rank}): {len(kept)} tensor(s) of this {type(module).__name__} are "
+            f"{dtype} but from_pretrained(..., dtype={dtype}) keeps them in float32 (the model's "
+            f"_keep_in_fp32_modules), e.g. {kept[:3]}; the module's dtypes win, so the result will not equal "
+            "from_pretrained. Call fsdp_fastload.integrations.transformers.from_pretrained_dtypes(model, "
+            f"{dtype}) on every rank after building the model (before fully_shard).", stacklevel=4)
 
 
 def _check_local(entries: list[Entry], *, is_src: bool, state_dict) -> str | None:

@@ -322,3 +322,56 @@ def test_keys_transformers_renames_on_load(ckpts, tmp_path):
     cases = {"gpt_neox": (str(tmp_path / "neox"), "GPTNeoXForCausalLM"),
              "causal_lm_into_base": (ckpts["llama"], "LlamaModel")}
     _check(run_ranks(_renamed_worker, 2, cases))
+
+
+def _fp32_kept_worker(rank, world, path, flow):
+    """fp16 T5: from_pretrained keeps `wo` in float32; a from_config skeleton does not, unless
+    `from_pretrained_dtypes` gives it from_pretrained's dtypes."""
+    import warnings
+
+    import transformers
+
+    from fsdp_fastload import materialize
+    from fsdp_fastload.integrations.transformers import from_pretrained_dtypes
+
+    cls, half = transformers.T5ForConditionalGeneration, torch.float16
+    ref = cls.from_pretrained(path, dtype=half).eval()
+    if flow == "model" and rank == 0:
+        model = cls.from_pretrained(path, dtype=half).eval()
+        changed = []
+    else:
+        with torch.device("meta"):
+            model = cls._from_config(transformers.AutoConfig.from_pretrained(path), dtype=half).eval()
+        changed = from_pretrained_dtypes(model, half) if flow != "no_helper" else []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        materialize(model, "cpu", state_dict=path if (flow != "model" and rank == 0) else None, verify=True)
+    warned = [str(w.message) for w in seen if "_keep_in_fp32_modules" in str(w.message)]
+    ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def fwd(m):
+        with torch.no_grad():
+            return m(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+
+    return {"changed": changed, "warned": warned, "bad": compare(model, ref, fwd),
+            "wo": str(model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype)}
+
+
+def test_skeleton_gets_from_pretrained_fp32_modules(tmp_path):
+    """A fp16 T5 skeleton from `_from_config` has `wo` in fp16 where from_pretrained keeps float32:
+    materialize warns on every rank (and the module's dtype wins); after `from_pretrained_dtypes` the
+    skeleton matches, nothing is warned, and both flows equal from_pretrained bit for bit."""
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        decoder_start_token_id=0)).save_pretrained(tmp_path)
+    for rank, r in enumerate(run_ranks(_fp32_kept_worker, 2, str(tmp_path), "no_helper")):
+        assert r["warned"] and "from_pretrained_dtypes" in r["warned"][0] and r["wo"] == "torch.float16", (rank, r)
+        assert r["bad"], (rank, r)  # the module's dtype won: not equal to from_pretrained
+    for flow in ("dir", "model"):
+        for rank, r in enumerate(run_ranks(_fp32_kept_worker, 2, str(tmp_path), flow)):
+            assert r["bad"] == [] and r["warned"] == [] and r["wo"] == "torch.float32", (flow, rank, r)
+            if flow == "dir" or rank == 1:
+                assert "encoder.block.0.layer.1.DenseReluDense.wo.weight" in r["changed"], (flow, rank, r)
