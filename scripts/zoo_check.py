@@ -69,6 +69,17 @@ ARCHS = {
     "olmo2": ("Olmo2Config", dict(LM, pad_token_id=0), "Olmo2ForCausalLM", "ids"),
     "electra": ("ElectraConfig", dict(LM, embedding_size=16, max_position_embeddings=64), "ElectraForMaskedLM",
                 "ids"),
+    "wav2vec2": ("Wav2Vec2Config", dict(TXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=37, conv_dim=(8, 8), conv_stride=(5, 2),
+                                        conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                        num_conv_pos_embedding_groups=4), "Wav2Vec2ForCTC", "wave"),
+    "mixtral": ("MixtralConfig", dict(LM, intermediate_size=48, num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2),
+                "MixtralForCausalLM", "ids"),
+    "llava": ("LlavaConfig", dict(text_config=dict(LM, model_type="llama", num_key_value_heads=2),
+                                  vision_config=dict(SMALL, model_type="clip_vision_model", image_size=16,
+                                                     patch_size=8), image_token_index=98),
+              "LlavaForConditionalGeneration", "ids"),
     "clip": ("CLIPConfig", dict(text_config=dict(LM, max_position_embeddings=64),
                                 vision_config=dict(SMALL, image_size=32, patch_size=8),
                                 projection_dim=16), "CLIPModel", "clip"),
@@ -82,6 +93,8 @@ def _inputs(kind: str) -> dict:
         return {"input_ids": ids}
     if kind == "seq2seq":
         return {"input_ids": ids, "decoder_input_ids": ids[:, :6]}
+    if kind == "wave":
+        return {"input_values": torch.randn(2, 400, generator=g)}
     if kind == "pixels":
         return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
     if kind == "audio":

@@ -1,6 +1,7 @@
-"""The architecture sweep (`scripts/zoo_check.py`) as a test: 21 transformers architectures that the
-other tests do not list (encoder-decoders with shared embeddings, ALiBi, Mamba, Conv1D, vision,
-audio, dual-tower CLIP, renamed checkpoint keys), on 2 gloo ranks: both flows, and FSDP2 shards from
+"""The architecture sweep (`scripts/zoo_check.py`) as a test: 24 transformers architectures, all but
+Mixtral absent from the other tests (encoder-decoders with shared embeddings, ALiBi, Mamba, Conv1D, vision,
+audio, dual-tower CLIP, LLaVA, weight-norm parametrizations, renamed checkpoint keys, MoE experts that
+transformers fuses on load: refused with a clear error), on 2 gloo ranks: both flows, and FSDP2 shards from
 the checkpoint directory (where `fully_shard` accepts the model); every tensor (full tensors of the
 shards), the tie groups and the forward output bit for bit against `from_pretrained`."""
 import os
