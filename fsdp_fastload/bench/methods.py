@@ -210,7 +210,8 @@ def _read_bcast_prepare(model, rank, ctx):
 
 
 @method("read_bcast_bound", setup="meta", prepare=_read_bcast_prepare, check=False, end_to_end=True,
-        note="a lower bound for ours_sd, not a loader: rank 0 reads each file's data section in pieces "
+        note="ours_sd's transfer with nothing else, not a loader (nor a strict lower bound: ours' schedule "
+             "can beat its plain one): rank 0 reads each file's data section in pieces "
              "of ours' bucket size (read_ranges op, 4 threads) and broadcasts each piece as soon as it "
              "is read (4 in flight), rank 1 receives into one flat buffer; no model, no planning. What "
              "reading and broadcasting cost together when they share this machine's CPUs (read_floor "
@@ -250,7 +251,8 @@ def _sd_bound_prepare(model, rank, ctx):
 
 
 @method("sd_bound", setup="meta", prepare=_sd_bound_prepare, check=False, end_to_end=True,
-        note="a lower bound for ours_sd, not a loader: read_bcast_bound (receivers fault their buffer "
+        note="the least work a loader from a checkpoint does, with a plain schedule (not a strict lower "
+             "bound: ours' schedule can beat it): read_bcast_bound (receivers fault their buffer "
              "in on a thread first, as ours does) plus the per-tensor work no loader from a checkpoint "
              "can skip: rank 0 parses the headers, and every rank walks its model once and installs "
              "an nn.Parameter (a view for buffers) over each checkpoint tensor's bytes (one C++ carve "
