@@ -123,17 +123,23 @@ def _ties(model) -> set:
 
 
 def _compare(model, ref, kind: str, grad_from=None) -> list[str]:
-    """Differences from `ref`; `requires_grad` is compared with `grad_from`'s (default `ref`)."""
+    """Differences from `ref`; `requires_grad` is compared with `grad_from`'s (default `ref`). A
+    DTensor (an FSDP2 shard) is compared by its full tensor (collective), and its class is not
+    compared (a DTensor parameter stands for the plain one)."""
+    from torch.distributed.tensor import DTensor
+
     got, want = _tensors(model), _tensors(ref)
     grads = {n: t.requires_grad for n, t in _tensors(grad_from if grad_from is not None else ref).items()}
     bad = [f"names differ: {sorted(set(got) ^ set(want))[:5]}"] if set(got) != set(want) else []
-    for n, w in want.items():
-        t = got.get(n)
+    for n in sorted(want):  # (sorted: every rank runs the full_tensor collectives in one order)
+        t, w = got.get(n), want[n]
         if t is None:
             continue
-        if t.is_meta or t.dtype != w.dtype or t.shape != w.shape or not torch.equal(t, w):
-            bad.append(f"{n}: differs ({'meta' if t.is_meta else t.dtype})")
-        elif type(t) is not type(w) or t.requires_grad != grads.get(n):
+        sharded = isinstance(t, DTensor)
+        v = t.full_tensor() if sharded else t
+        if v.is_meta or v.dtype != w.dtype or v.shape != w.shape or not torch.equal(v, w):
+            bad.append(f"{n}: differs ({'meta' if v.is_meta else v.dtype})")
+        elif (type(t) is not type(w) and not sharded) or t.requires_grad != grads.get(n):
             bad.append(f"{n}: class/requires_grad differ")
     if _ties(model) != _ties(ref):
         bad.append("tie groups differ")
@@ -162,31 +168,6 @@ def _shard(model, mesh):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def _compare_sharded(model, ref, kind: str, grad_from) -> list[str]:
-    """`_compare` for a sharded model: full tensors (collective), then the sharded forward."""
-    from torch.distributed.tensor import DTensor
-
-    got, want = _tensors(model), _tensors(ref)
-    grads = {n: t.requires_grad for n, t in _tensors(grad_from).items()}
-    bad = [f"names differ: {sorted(set(got) ^ set(want))[:5]}"] if set(got) != set(want) else []
-    for n in sorted(want):
-        t, w = got.get(n), want[n]
-        if t is None:
-            continue
-        full = t.full_tensor() if isinstance(t, DTensor) else t
-        if full.is_meta or full.dtype != w.dtype or full.shape != w.shape or not torch.equal(full, w):
-            bad.append(f"{n}: differs")
-        elif t.requires_grad != grads.get(n):
-            bad.append(f"{n}: requires_grad differs")
-    if _ties(model) != _ties(ref):
-        bad.append("tie groups differ")
-    if not bad:
-        outs, refs = _output(model, kind), _output(ref, kind)
-        if len(outs) != len(refs) or not all(torch.equal(a, b) for a, b in zip(outs, refs)):
-            bad.append("forward output differs")
-    return bad
 
 
 def _worker(rank: int, port: int, names: list[str], root: str, q) -> None:
@@ -233,8 +214,7 @@ def _worker(rank: int, port: int, names: list[str], root: str, q) -> None:
                 if flow != "model":
                     with torch.device("meta"):
                         fresh = cls._from_config(config)
-                bad = (_compare_sharded(model, ref, kind, fresh) if flow == "fsdp2"
-                       else _compare(model, ref, kind, grad_from=fresh))
+                bad = _compare(model, ref, kind, grad_from=fresh)
                 results[(name, flow)] = "ok" if not bad else "MISMATCH: " + "; ".join(bad[:5])
             except Exception as e:  # noqa: BLE001  report, go on with the next case
                 results[(name, flow)] = f"crash: {type(e).__name__}: {str(e)[:300]}"

@@ -217,13 +217,22 @@ def _read_bcast_prepare(model, rank, ctx):
              "reading and broadcasting cost together when they share this machine's CPUs (read_floor "
              "and floor each have them alone)")
 def m_read_bcast_bound(model, rank, ctx):
+    from fsdp_fastload import ops
+
+    buf = ops.alloc(ctx.state["total"], "cpu")
+    _read_and_broadcast(buf, rank, ctx)
+    ctx.state["buf"] = buf
+
+
+def _read_and_broadcast(buf, rank, ctx) -> None:
+    """The bounds' transfer: rank src reads each piece of `ctx.state["pieces"]` into `buf` and
+    broadcasts it at once, 4 broadcasts in flight; every rank ends with the data sections in `buf`."""
     import collections
 
     import torch.distributed as dist
 
     from fsdp_fastload import ops
 
-    buf = ops.alloc(ctx.state["total"], "cpu")
     inflight: collections.deque = collections.deque()
     for f, fo, do, n in ctx.state["pieces"]:
         if len(inflight) >= 4:
@@ -233,7 +242,6 @@ def m_read_bcast_bound(model, rank, ctx):
         inflight.append(dist.broadcast(buf[do:do + n], src=ctx.src, async_op=True))
     for w in inflight:
         w.wait()
-    ctx.state["buf"] = buf
 
 
 def _sd_bound_prepare(model, rank, ctx):
@@ -258,11 +266,9 @@ def _sd_bound_prepare(model, rank, ctx):
              "an nn.Parameter (a view for buffers) over each checkpoint tensor's bytes (one C++ carve "
              "call, install_bound's loop). No agreement, no checks, no plan, no buffers recomputed")
 def m_sd_bound(model, rank, ctx):
-    import collections
     import gc
 
     import torch
-    import torch.distributed as dist
     from torch import nn
 
     from fsdp_fastload import ops
@@ -275,15 +281,7 @@ def m_sd_bound(model, rank, ctx):
         if rank == ctx.src:
             for f in checkpoint_files(str(ctx.ckpt_dir)):
                 parse_header(f)
-        inflight: collections.deque = collections.deque()
-        for f, fo, do, n in ctx.state["pieces"]:
-            if len(inflight) >= 4:
-                inflight.popleft().wait()
-            if rank == ctx.src:
-                ops.read_ranges(f, buf, [fo], [do], [n], num_threads=4)
-            inflight.append(dist.broadcast(buf[do:do + n], src=ctx.src, async_op=True))
-        for w in inflight:
-            w.wait()
+        _read_and_broadcast(buf, rank, ctx)
         where, slots, dtypes, offsets, shapes = ctx.state["where"], [], [], [], []
         for prefix, mod in model.named_modules():
             dot = prefix + "." if prefix else ""
