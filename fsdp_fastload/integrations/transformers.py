@@ -81,10 +81,11 @@ def from_pretrained_dtypes(model: nn.Module, dtype: torch.dtype) -> list[str]:
 
 
 def half_tensors_kept_in_fp32(model: nn.Module, entries) -> list[str]:
-    """The names (all names of a tie) of `entries` (manifest entries: `names`, `dtype`) in half
-    precision that ``from_pretrained`` with that dtype would keep in float32; [] for anything not a
-    transformers model, or a transformers without this machinery. Names are only matched when the
-    model keeps something in float32 (most models do not: then this costs a set of dtypes)."""
+    """The names (all names of a tie) of `entries` (manifest entries: `names`, `dtype`,
+    `persistent`) in half precision that ``from_pretrained`` with that dtype would keep in float32;
+    [] for anything not a transformers model, or a transformers without this machinery. Names are
+    only matched when the model keeps something in float32 (most models do not: then this costs a
+    set of dtypes)."""
     tf = sys.modules.get("transformers")
     if tf is None or not isinstance(model, getattr(tf, "PreTrainedModel", ())):
         return []
@@ -92,7 +93,9 @@ def half_tensors_kept_in_fp32(model: nn.Module, entries) -> list[str]:
     patterns = {d: p for d, p in patterns.items() if p is not None}
     if not patterns:
         return []
-    return [n for e in entries if e.dtype in patterns for n in e.names if patterns[e.dtype].search(n)]
+    # (persistent ones only: from_pretrained loads, and so converts, nothing else)
+    return [n for e in entries if e.persistent and e.dtype in patterns for n in e.names
+            if patterns[e.dtype].search(n)]
 
 
 def _fp32_pattern(model: nn.Module, dtype: torch.dtype):
