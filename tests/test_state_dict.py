@@ -375,3 +375,25 @@ def test_skeleton_gets_from_pretrained_fp32_modules(tmp_path):
             assert r["bad"] == [] and r["warned"] == [] and r["wo"] == "torch.float32", (flow, rank, r)
             if flow == "dir" or rank == 1:
                 assert "encoder.block.0.layer.1.DenseReluDense.wo.weight" in r["changed"], (flow, rank, r)
+
+
+def test_from_pretrained_dtypes_leaves_what_from_pretrained_does_not_load():
+    """Non-persistent buffers are not loaded by from_pretrained, so not converted by it: the helper
+    leaves them, and the warning does not count them (else it would outlive the fix)."""
+    import transformers
+
+    from fsdp_fastload.integrations.transformers import from_pretrained_dtypes, half_tensors_kept_in_fp32
+    from fsdp_fastload.manifest import build_manifest
+
+    config = transformers.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+                                   decoder_start_token_id=0)
+    with torch.device("meta"):
+        model = transformers.T5ForConditionalGeneration(config).to(torch.float16)
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo
+    wo.register_buffer("scale", torch.ones(2, dtype=torch.float16, device="meta"), persistent=False)
+    assert "encoder.block.0.layer.1.DenseReluDense.wo.weight" in half_tensors_kept_in_fp32(model, build_manifest(model))
+    changed = from_pretrained_dtypes(model, torch.float16)
+    assert "encoder.block.0.layer.1.DenseReluDense.wo.weight" in changed and wo.weight.dtype == torch.float32
+    assert wo.scale.dtype == torch.float16 and not any(n.endswith("wo.scale") for n in changed)
+    assert half_tensors_kept_in_fp32(model, build_manifest(model)) == []
+    assert from_pretrained_dtypes(model, torch.bfloat16) == []  # T5 keeps wo in fp32 for fp16 only
