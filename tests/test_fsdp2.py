@@ -224,6 +224,39 @@ def test_uneven_and_empty_shards(world, bucket_size):
     assert run_ranks(_plain_worker, world, bucket_size) == [[]] * world
 
 
+def _hsdp_worker(rank, world, mesh_shape):
+    """HSDP: a 2-D (replicate, shard) mesh; every parameter's full tensor and the forward bit-exact."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from fsdp_fastload import materialize
+
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
+    model = _uneven("meta")
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)
+    ref = _uneven("cpu")
+    materialize(model, "cpu", state_dict=dict(ref.state_dict()) if rank == 0 else None, poison=True, verify=True)
+    want = _tensors(ref)
+    bad = []
+    for n, t in _tensors(model).items():
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if full.dtype != want[n].dtype or not torch.equal(full, want[n]):
+            bad.append(f"{n}: differs")
+        if isinstance(t, DTensor) and len(t.placements) != 2:
+            bad.append(f"{n}: placements {t.placements}")
+    if not bad and not torch.equal(model(torch.ones(4, 7)).detach(), ref(torch.ones(4, 7)).detach()):
+        bad.append("forward differs")
+    return bad
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 2), (2, 1)])
+def test_hsdp_two_dim_mesh(mesh_shape):
+    assert run_ranks(_hsdp_worker, 2, mesh_shape) == [[], []]
+
+
 def _train_worker(rank, world, path):
     """A few optimizer steps on the sharded model give the same loss as single-process training."""
     from fsdp_fastload import materialize
