@@ -46,37 +46,29 @@ def from_pretrained_dtypes(model: nn.Module, dtype: torch.dtype) -> list[str]:
         >>> model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype
         torch.float32
     """
+    from ..manifest import build_manifest
+
     pattern = _fp32_pattern(model, dtype)
     if pattern is None:
         return []
-    named: list[tuple[dict, str, str, torch.Tensor]] = []
-    hit: set[int] = set()  # ids of tensors any of whose names matches (a tie changes as one)
-    for prefix, mod in model.named_modules(remove_duplicate=False):
-        dot = prefix + "." if prefix else ""
-        for table, skip in ((mod._parameters, ()), (mod._buffers, mod._non_persistent_buffers_set)):
-            for name, t in table.items():
-                if t is None or name in skip or not t.is_floating_point() or t.dtype == torch.float32:
-                    continue
-                named.append((table, name, dot + name, t))
-                if pattern.search(dot + name):
-                    hit.add(id(t))
     changed: list[str] = []
-    new_of: dict[int, torch.Tensor] = {}  # id(old tensor) -> its float32 replacement
-    for table, name, full, t in named:
-        if id(t) not in hit:
+    # the manifest's walk: one entry per tensor, all its names (ties) and every (module, attribute)
+    # holding it; persistent if any name is (what from_pretrained loads, and so converts)
+    for e in build_manifest(model):
+        if (not e.persistent or not e.dtype.is_floating_point or e.dtype == torch.float32
+                or not any(pattern.search(n) for n in e.names)):
             continue
-        new = new_of.get(id(t))
-        if new is None:
-            with torch.no_grad():
-                data = t.detach().to(torch.float32)
-            if isinstance(t, nn.Parameter):
-                new = nn.Parameter(data, requires_grad=t.requires_grad)
-                new.__dict__.update({k: v for k, v in t.__dict__.items() if k not in new.__dict__})
-            else:
-                new = data
-            new_of[id(t)] = new
-        table[name] = new
-        changed.append(full)
+        t = e.tensor
+        with torch.no_grad():
+            data = t.detach().to(torch.float32)
+        if isinstance(t, nn.Parameter):
+            new = nn.Parameter(data, requires_grad=t.requires_grad)
+            new.__dict__.update({k: v for k, v in t.__dict__.items() if k not in new.__dict__})
+        else:
+            new = data
+        for mod, attr in e.owners:
+            (mod._parameters if e.kind == "param" else mod._buffers)[attr] = new
+        changed.extend(e.names)
     return changed
 
 
