@@ -43,6 +43,8 @@ _TUNING = {
 # costs ~0.4 s/GB to touch on a 2-core VM, and receivers wait for src's plan anyway (measured on the
 # 58 MB / 1,443-tensor model: receivers' fill 47 -> 26 ms with the buffer faulted in ahead).
 PREFAULT_MIN = 1 << 20
+# Objects made per piece of the work done while bytes arrive (~2-7 us each: ~1 ms or less a piece).
+_PIECE = 192
 _SUPPORTED_CLASSES = ("Parameter", "Tensor", "DTensor")
 
 last_stats: dict = {}  # timings of the most recent call on this rank (for the CLI and benchmarks)
@@ -278,9 +280,10 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     part_views, conversions, prepared, shd_local = [], [], [], []
     me = ranks.index(rank)
 
-    def carve_all() -> None:
-        """All views (and the parameters to install) in a few C++ calls: needs no values, so it runs
-        while the bytes arrive."""
+    def carve_pieces():
+        """All views (and the parameters to install) in a few C++ calls, then the objects to install
+        a few hundred at a time (pieces of ~1 ms, between yields): needs no values, so it runs while
+        the bytes arrive, in the time this rank would otherwise wait (see `fill.Meanwhile`)."""
         for (lay, ents), (m, w) in zip(parts, bufs):
             views = ops.carve(m, ops.encode_spec([e.dtype for e in ents], lay.final, [e.shape for e in ents]))
             conv = [i for i, e in enumerate(ents) if lay.wire_dtype[i] not in (None, e.dtype)]
@@ -293,11 +296,23 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
             lay, m = parts[1][0], bufs[1][0]
             shd_local.extend(ops.carve(m, ops.encode_spec([e.dtype for e in shd_entries], lay.final,
                                                           [g.boxes[me][0] for g in geos])))
-        prepared.extend(prepare_install(rep_entries, part_views[0]))
+        yield
+        for a in range(0, len(rep_entries), _PIECE):
+            prepared.extend(prepare_install(rep_entries[a:a + _PIECE], part_views[0][a:a + _PIECE]))
+            yield
         if local:  # reads no value: recomputed while the bytes arrive, agreed on afterwards
             recomputed.append(_recompute(module, entries, rep, part_views[0], local, opts["buffer_init"]))
+            yield
+        if shd:
+            yield from shard.prepare_shards(module, shd_entries, part_views[1], shd_local, shd_prepared,
+                                            piece=_PIECE)
+
+    def carve_all() -> None:
+        for _ in carve_pieces():
+            pass
 
     local = [i for i in range(len(rep_entries)) if layout.wire_dtype[i] is None]
+    shd_prepared: list = []
     recomputed: list = []  # the error (or None) of recomputing the local buffers
     t_alloc = time.perf_counter()
 
@@ -305,21 +320,15 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     packer = (Packer(rep_sources, layout, read_threads=opts["read_threads"], facts=facts,
                      names=[e.names[0] for e in rep_entries]) if is_src and layout.buckets else None)
     if distributed and layout.buckets:
-        # With shards the views are made during the scatters (on src: after its last one is posted;
-        # before them src's scatters would wait for work that needs no values).
+        # With shards the views are made during the scatters instead (the time waited here is short).
         broadcast_fill(targets[0], layout, is_src=is_src, packer=packer,
-                       meanwhile=None if shd else carve_all, **fill)
+                       meanwhile=None if shd else carve_pieces, **fill)
     else:  # one process, or nothing replicated to send (every rank has the same layout: no collective)
         if packer is not None:
             pack_all(targets[0], layout, packer)
         if not shd:
             carve_all()
-    shd_prepared: list = []
     if shd:
-        def carve_and_prepare_shards() -> None:
-            carve_all()
-            shd_prepared.extend(shard.prepare_shards(module, shd_entries, part_views[1], shd_local))
-
         if is_src:
             packers = shard.rank_packers([sources[i] for i in shd], shd_entries, geos, shd_layout,
                                          read_threads=opts["read_threads"])
@@ -327,7 +336,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                            max_inflight=opts["max_inflight"], timeout=timeout)
         shard.scatter_fill(targets[1], shd_layout, is_src=is_src, packers=packers if is_src else None,
                            src=src, group=group, device=device, sends=sends, progress=opts["progress"],
-                           max_inflight=opts["max_inflight"], meanwhile=carve_and_prepare_shards)
+                           max_inflight=opts["max_inflight"], meanwhile=carve_pieces)
     views = part_views[0]
     for pairs in conversions:
         for v, w in pairs:

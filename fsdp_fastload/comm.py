@@ -20,6 +20,7 @@ import datetime
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,9 @@ class Broadcasts:
         self.comm_device = torch.device("cpu") if "gloo" in backend else device
         self.inflight: deque[_Sent] = deque()
         self.error: str | None = None
+        # work to do instead of blocking on a transfer: called until the transfer completes or it
+        # returns False (nothing left); see `fill.Meanwhile`
+        self.idle: Callable[[], bool] | None = None
 
     def send(self, k: int, buf: torch.Tensor, scatter_list: list | None = None) -> _Sent:
         while len(self.inflight) >= self.max_inflight:
@@ -89,6 +93,10 @@ class Broadcasts:
     def wait(self, sent: _Sent) -> None:
         if sent.done:
             return
+        idle = self.idle
+        while idle is not None and not sent.work.is_completed():
+            if not idle():
+                self.idle = idle = None
         t0 = time.perf_counter()
         try:
             # kNoTimeout is 0 ms in c10d: never let a tiny timeout round down to "wait forever".

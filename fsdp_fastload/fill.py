@@ -11,6 +11,7 @@ import bisect
 import ctypes
 import sys
 import time
+from types import GeneratorType
 from typing import Callable
 
 import torch
@@ -279,14 +280,13 @@ def _progress(total: int) -> Callable[[int, float], None] | None:
 def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: Layout, *, is_src: bool,
                    packer: Packer | None, src: int, group, device: torch.device,
                    max_inflight: int = 4, progress: bool | None = None,
-                   timeout: float | None = None, meanwhile: Callable[[], None] | None = None) -> None:
+                   timeout: float | None = None, meanwhile: Callable[[], object] | None = None) -> None:
     """Fill every bucket's `target(a, b)` on every rank with src's bytes (collective).
 
     `target=None` on src means src keeps its own tensors (already on `device`): a bucket inside one
     tensor is sent straight from it, other buckets are packed into two reused staging buffers.
     `meanwhile` (work that needs no values: carving views, making parameters) runs while bytes
-    arrive: on receivers once their first `max_inflight` receives are posted, on src after its last
-    bucket is posted.
+    arrive, in the time this rank would otherwise spend blocked on a transfer (see `Meanwhile`).
     Failures (see `comm.Broadcasts`): a dead or stuck peer raises MaterializeError on every surviving
     rank within `timeout` seconds per wait (None: `comm.default_timeout`); a read/pack failure on src
     is raised on every rank after the last bucket. Either way nothing was installed.
@@ -306,7 +306,7 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
         staging = [ops.alloc(biggest, "cpu", pin_memory=True) for _ in range(2)]
     show = _progress(layout.wire_total) if is_src and progress is not False else None
     t0 = time.perf_counter()
-    later = Meanwhile(meanwhile, is_src=is_src, max_inflight=max_inflight, n=len(layout.buckets))
+    later = Meanwhile(meanwhile, sends)
     for k, (a, b) in enumerate(layout.buckets):
         dst = target(a, b)
         if is_src and sends.error is None:
@@ -320,7 +320,6 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
         sends.send(k, dst)
         if show:
             show(b, t0)
-        later.posted(k)
     later.finish()
     sends.finish()
     if cuda:
@@ -330,26 +329,41 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
 
 
 class Meanwhile:
-    """Work that needs no values, overlapping a transfer of `n` buckets: run on receivers once their
-    first `max_inflight` transfers are posted (`posted(k)`), on src after its last (`finish()`). A
-    failure is kept in `failed`, to be raised once this rank has taken part in every remaining
-    collective (raising mid-loop would leave the peers waiting)."""
+    """Work that needs no values, overlapping a transfer: run in pieces whenever this rank would
+    otherwise block on one of `sends`' transfers (src waiting for a staging buffer or an in-flight
+    slot, a receiver for its bytes), and whatever is left by `finish()`. `fn` returns None (one
+    piece) or a generator (a piece between yields: keep each under ~1 ms, since a transfer that
+    completes meanwhile waits for the piece to end). A failure is kept in `failed`, to be raised once
+    this rank has taken part in every remaining collective (raising mid-loop would leave the peers
+    waiting)."""
 
-    def __init__(self, fn: Callable[[], None] | None, *, is_src: bool, max_inflight: int, n: int):
-        self.fn, self.failed = fn, None
-        self.at = -1 if is_src else min(max_inflight, n) - 1
+    def __init__(self, fn: Callable[[], object] | None, sends=None):
+        self.fn, self.failed, self.pieces = fn, None, None
+        if sends is not None and fn is not None:
+            sends.idle = self.step
 
-    def posted(self, k: int) -> None:
-        if k == self.at:
-            self.finish()
+    def step(self) -> bool:
+        """Run the next piece; whether any is left."""
+        try:
+            if self.pieces is None:
+                fn, self.fn = self.fn, None
+                if fn is None:
+                    return False
+                self.pieces = fn()
+                if not isinstance(self.pieces, GeneratorType):
+                    self.pieces = None
+                    return False
+            next(self.pieces)
+            return True
+        except StopIteration:
+            self.pieces = None
+        except Exception as e:  # noqa: BLE001
+            self.failed, self.pieces = e, None
+        return False
 
     def finish(self) -> None:
-        fn, self.fn = self.fn, None
-        if fn is not None:
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001
-                self.failed = e
+        while self.step():
+            pass
 
 
 def _pack_cuda(dst, a, b, packer, stage, events, slot, copy_stream, device) -> None:

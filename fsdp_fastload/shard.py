@@ -248,14 +248,14 @@ def slot_entries(entries: list[Entry], geos: list[Geometry]) -> list[Entry]:
 def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, is_src: bool,
                  packers: list | None, src: int, group, device: torch.device, sends,
                  progress: bool | None = None, max_inflight: int = 4,
-                 meanwhile: Callable[[], None] | None = None) -> None:
+                 meanwhile: Callable[[], object] | None = None) -> None:
     """Fill bucket k's `target(a, b)` on every rank with its own bytes of [a, b) (one scatter each).
 
     On src, `packers[i]` writes group rank i's bytes: the other ranks' pieces go into one of two
     reused staging buffers, so packing bucket k+1 overlaps scattering bucket k; on a CPU target
     src's own piece is packed straight into its final storage (which is also its scatter input).
-    `meanwhile` (work that needs no values) runs on receivers once their first `max_inflight`
-    scatters are posted, on src after its last one.
+    `meanwhile` (work that needs no values) runs in the time this rank would otherwise spend
+    blocked on a scatter (see `fill.Meanwhile`).
     """
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
     world, me = len(ranks), ranks.index(src)
@@ -267,7 +267,7 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
     used: list = [None, None]  # the scatter that last read each staging buffer
     show = _progress(layout.wire_total * world) if is_src and progress is not False else None
     t0 = time.perf_counter()
-    later = Meanwhile(meanwhile, is_src=is_src, max_inflight=max_inflight, n=len(layout.buckets))
+    later = Meanwhile(meanwhile, sends)
     for k, (a, b) in enumerate(layout.buckets):
         out = target(a, b)
         pieces = None
@@ -300,7 +300,6 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
             used[k % 2] = sent
         if show:
             show(b * world, t0)
-        later.posted(k)
     later.finish()
     sends.finish()
     if cuda:
@@ -353,16 +352,16 @@ def _fsdp_states(module: nn.Module) -> list:
 
 
 def prepare_shards(module: nn.Module, entries: list[Entry], slots: list[torch.Tensor],
-                   local: list[torch.Tensor]) -> list[tuple]:
-    """The DTensor parameters over the local views (`local`: this rank's shard at the start of each
-    slot), and FSDP2's state for each (checked), made while the bytes arrive:
-    nothing here reads a value or changes the module."""
+                   local: list[torch.Tensor], out: list, piece: int = 192):
+    """A generator appending to `out` the DTensor parameters over the local views (`local`: this
+    rank's shard at the start of each slot), and FSDP2's state for each (checked), `piece` at a time
+    between yields; made while the bytes arrive: nothing here reads a value or changes the module."""
     from torch.distributed.tensor import DTensor
 
     fsdp = _fsdp_params(module, entries)
-    out = []
+    yield
     make = None  # DTensor's constructor: the full one until the first parameter shows __new__ is enough
-    for e, slot, view in zip(entries, slots, local):
+    for i, (e, slot, view) in enumerate(zip(entries, slots, local)):
         old = e.tensor
         # The meta DTensor's spec (mesh, placements, global shape and stride) over the local view; a
         # fresh leaf, so marking it a parameter is what nn.Parameter(dt) does, minus its detach.
@@ -382,7 +381,8 @@ def prepare_shards(module: nn.Module, entries: list[Entry], slots: list[torch.Te
                                f"{tuple(fp.padded_sharded_param_size)} but its slot holds {slot.numel()} "
                                "elements; please report this with your torch version.")
         out.append((new, fp))
-    return out
+        if i % piece == piece - 1:
+            yield
 
 
 def _dtensor_maker(made, view, spec, requires_grad: bool):

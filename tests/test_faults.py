@@ -314,3 +314,42 @@ def test_bad_timeout_raises_on_every_rank():
             assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank 1: "
                             rf"timeout must be a positive, finite number of seconds \(got {bad}\)\. Pass "
                             r"timeout=None for the default\.$", msg), msg
+
+
+def test_meanwhile_pieces_run_in_order_and_a_failure_is_kept():
+    """The work done while bytes arrive (`fill.Meanwhile`) runs a piece per `step` (what a rank does
+    instead of blocking on a transfer), the rest in `finish`; a failing piece stops the work and is
+    kept for after the collectives, not raised mid-transfer."""
+    from fsdp_fastload.fill import Meanwhile
+
+    ran = []
+
+    def work():
+        for i in range(3):
+            ran.append(i)
+            yield
+
+    class Sends:
+        idle = None
+
+    sends = Sends()
+    later = Meanwhile(work, sends)
+    assert sends.idle == later.step and ran == []
+    assert later.step() and ran == [0]
+    later.finish()
+    assert ran == [0, 1, 2] and not later.step() and later.failed is None
+
+    def failing():
+        ran.append("a")
+        yield
+        raise ValueError("piece two")
+
+    ran.clear()
+    later = Meanwhile(failing)
+    assert later.step() and not later.step()
+    later.finish()
+    assert ran == ["a"] and isinstance(later.failed, ValueError)
+
+    ran.clear()
+    later = Meanwhile(lambda: ran.append("one piece"))  # a plain function: one piece
+    assert not later.step() and ran == ["one piece"] and not later.step()
