@@ -61,16 +61,16 @@ def geometry(e: Entry, group_ranks: list[int], cache: dict) -> Geometry | str:
     own `compute_local_shape_and_global_offset`. `cache` is shared by one call's entries.
     """
     t = e.tensor
-    name = e.names[0]
-    mesh = t.device_mesh
-    key = ("geo", id(mesh), e.shape, e.placement[0])  # (the manifest spelled the placements out)
+    # (the manifest gives the entries of one (placements, mesh) one `placement` tuple)
+    key = ("geo", id(e.placement), e.shape)
     got = cache.get(key)
     if got is None:
-        got = cache[key] = _geometry(e.shape, mesh, t.placements, group_ranks, cache)
+        got = cache[key] = _geometry(e.shape, t.device_mesh, t.placements, group_ranks, cache)
     if isinstance(got, str):
-        return got.replace("{name}", name)
+        return got.replace("{name}", e.names[0])
     mine = got.boxes[got.me]
     if t._local_tensor.shape != mine[0]:
+        name = e.names[0]
         return (f"not supported: '{name}' has a local shard of shape {tuple(t._local_tensor.shape)}, but "
                 f"torch.chunk placement gives {mine[0]} at offset {mine[1]} (placements {t.placements}). "
                 "Materialize the model before sharding it this way.")
