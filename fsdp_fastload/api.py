@@ -184,11 +184,11 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
             source = open_source(state_dict)
             src_plan, error = match(entries, source, strict=opts["strict"])
             if error is not None:  # keys transformers renames on load (embed_out -> lm_head, ...)?
-                renamed = hf_renamed(module, source, {n for e in entries for n in e.names})
+                renamed = hf_renamed(module, source, {n: e.dtype for e in entries for n in e.names})
                 if renamed is not None and renamed.keys() != source.keys():
-                    plan2, error2 = match(entries, renamed, strict=opts["strict"])
-                    if error2 is None:
-                        src_plan, error = plan2, None
+                    # what transformers would see: its error too (e.g. the one fused parameter an
+                    # incomplete layer of experts cannot make, not every renamed key)
+                    src_plan, error = match(entries, renamed, strict=opts["strict"])
         except CheckpointError as e:
             error = str(e)
         if src_plan is not None and src_plan.unexpected:

@@ -162,35 +162,48 @@ class _LazySlice:
         return t
 
 
-def _loader(source, read_threads: int) -> Callable[[], torch.Tensor]:
+def _loader(source, read_threads: int, uses: int) -> Callable[[], torch.Tensor]:
+    """The full source tensor, made once for its `uses` pieces (each packer takes its piece once), then
+    let go: src does not hold every converted or sliced tensor until the end."""
     cache: list = []
+    taken = [0]
 
     def load() -> torch.Tensor:
         if not cache:
             from .fill import read_file_tensor
 
-            cache.append(read_file_tensor(source, num_threads=read_threads)
-                         if isinstance(source, FileTensor) else source.detach())
-        return cache[0]
+            if isinstance(source, FileTensor):
+                cache.append(read_file_tensor(source, num_threads=read_threads))
+            else:  # a tensor, or a source made when packed (source.HFConverted)
+                cache.append(source.detach() if isinstance(source, torch.Tensor) else source())
+        t = cache[0]
+        taken[0] += 1
+        if taken[0] % uses == 0:
+            cache.clear()
+        return t
     return load
 
 
 def local_sources(source, e: Entry, geo: Geometry, *, read_threads: int = 4) -> list:
     """Per group rank: where its local shard's values come from (a FileTensor range, a 1-D slice of
     the flat source tensor: the packer sends bytes, so no reshape per piece; or a lazily sliced copy
-    for boxes that are not contiguous in the full tensor)."""
-    out, load, flat = [], None, None
+    for boxes that are not contiguous in the full tensor, or of a source made when packed)."""
+    plain_file = isinstance(source, FileTensor)
+    sliceable = isinstance(source, torch.Tensor) and source.is_contiguous()
+    lazy = sum(1 for (shape, _), start in zip(geo.boxes, geo.starts)  # (an empty box is never packed)
+               if _numel(shape) and (start is None or not (plain_file or sliceable)))
+    load = _loader(source, read_threads, max(lazy, 1))
+    out, flat = [], None
     for (shape, offset), start in zip(geo.boxes, geo.starts):
-        if start is not None and isinstance(source, FileTensor):
+        if start is not None and plain_file:
             item = source.dtype.itemsize
             out.append(FileTensor(source.path, source.offset + start * item, _numel(shape) * item,
                                   source.dtype, shape))
-        elif start is not None and (flat is not None or source.is_contiguous()):
+        elif start is not None and sliceable:
             if flat is None:
                 flat = source.detach().reshape(-1)
             out.append(flat[start:start + _numel(shape)])
         else:
-            load = load or _loader(source, read_threads)
             out.append(_LazySlice(load, shape, offset, source.dtype))
     return out
 

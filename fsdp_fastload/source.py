@@ -252,16 +252,18 @@ def match(entries, source: dict, *, strict: bool) -> tuple[Plan | None, str | No
     return Plan(sources=sources, wire=wire, unexpected=unexpected), None
 
 
-def hf_renamed(module, source: dict, names: set[str]) -> dict | None:
-    """`source` under the names transformers' `from_pretrained` would give its keys, or None.
+def hf_renamed(module, source: dict, dtypes: dict) -> dict | None:
+    """`source` under the names and in the form transformers' `from_pretrained` gives it, or None.
 
     transformers (>= 5) renames some architectures' checkpoint keys when it loads them (GPT-NeoX's
     `embed_out` is `lm_head`, ViT's layers were renamed, a base model's checkpoint loads into a
-    `...ForCausalLM` under its `base_model_prefix`), and `save_pretrained` writes the old names back.
-    This applies the same `WeightRenaming`s and prefix rule to the keys (no data is touched). Keys
-    that need a `WeightConverter` (several tensors fused into one, as MoE experts) keep their names,
-    so they stay unmatched and the caller's error says to use the src-model flow. None when
-    `module` is not a transformers model or two keys would land on one name.
+    `...ForCausalLM` under its `base_model_prefix`), and fuses others (a `WeightConverter`: MoE experts
+    stored one 2-D tensor each, stacked into one 3-D parameter); `save_pretrained` writes the old form
+    back. This applies the same `WeightRenaming`s and prefix rule to the keys (no data is touched), and
+    gives each fused parameter a `HFConverted` source (see there). `dtypes`: the model's name -> dtype.
+    None when `module` is not a transformers model or two keys would land on one name. Keys whose
+    conversion cannot be followed keep their names, so they stay unmatched and the caller's error says
+    to use the src-model flow.
     """
     tf = sys.modules.get("transformers")  # not imported: `module` cannot be a transformers model
     if tf is None or not isinstance(module, getattr(tf, "PreTrainedModel", ())):
@@ -276,16 +278,97 @@ def hf_renamed(module, source: dict, names: set[str]) -> dict | None:
         return None
     renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
     converters = [t for t in mapping if isinstance(t, WeightConverter)]
-    known = dict.fromkeys(names, True)
+    known = dict.fromkeys(dtypes, True)
     out: dict = {}
+    fused: dict = {}  # first target name -> [(checkpoint key, converter's source pattern, value)]
     for key, value in source.items():
-        new, converter = rename_source_key(key, renamings, converters, module.base_model_prefix, known)
-        if converter is not None or (new not in known and key in known):
+        new, pattern = rename_source_key(key, renamings, converters, module.base_model_prefix, known)
+        if pattern is not None and new in known:
+            fused.setdefault(new, []).append((key, pattern, value))
+            continue
+        if pattern is not None or (new not in known and key in known):
             new = key
         if new in out:
             return None
         out[new] = value
+    for first, inputs in fused.items():
+        made = _hf_fuse(module, converters, first, inputs, dtypes)
+        if made is None:  # not followed: the checkpoint's own names, unmatched
+            for key, _, value in inputs:
+                out.setdefault(key, value)
+            continue
+        for name, value in made.items():
+            if name in out:
+                return None
+            out[name] = value
     return out
+
+
+class HFConverted:
+    """A parameter transformers makes on load from several checkpoint tensors (`WeightConverter`),
+    as a source on src: shape and dtype known up front (the conversion dry-run on meta tensors), the
+    values made when src packs it: its inputs read, cast to the model's dtype as transformers does
+    first, converted by transformers' own operations, and dropped once sent."""
+
+    __slots__ = ("group", "name", "shape", "dtype")
+
+    def __init__(self, group: "_HFFusion", name: str, shape: tuple, dtype: torch.dtype):
+        self.group, self.name, self.shape, self.dtype = group, name, shape, dtype
+
+    def is_contiguous(self) -> bool:
+        return False
+
+    def __call__(self) -> torch.Tensor:
+        return self.group.take(self.name)
+
+    def __repr__(self) -> str:
+        return f"HFConverted({self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+class _HFFusion:
+    """One transformers `WeightConverter` application (one layer's fused parameters)."""
+
+    def __init__(self, module, converter, first: str, inputs: list, dtype: torch.dtype):
+        self.module, self.converter, self.first, self.inputs, self.dtype = module, converter, first, inputs, dtype
+        self.made: dict = {}
+
+    def run(self, values: list) -> dict:
+        import copy
+
+        conv = copy.deepcopy(self.converter)
+        for (key, pattern, _), v in zip(self.inputs, values):
+            conv.add_tensor(self.first, key, pattern, v.to(self.dtype))
+        with torch.no_grad():
+            out = conv.convert(self.first, model=self.module, config=getattr(self.module, "config", None))
+        return {k: (v[0] if isinstance(v, list) else v) for k, v in out.items()}
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self.made:  # (again after an earlier take: verify reads a source twice)
+            from .fill import read_file_tensor
+
+            self.made = self.run([read_file_tensor(v) if isinstance(v, FileTensor) else v.detach()
+                                  for _, _, v in self.inputs])
+        return self.made.pop(name)
+
+
+def _hf_fuse(module, converters: list, first: str, inputs: list, dtypes: dict) -> dict | None:
+    """name -> `HFConverted` for what transformers' converter makes of `inputs` ((checkpoint key,
+    the converter's source pattern it matched, value)), or None where that cannot be followed: a dry
+    run on meta tensors fails, or makes a name the model lacks or a dtype other than the model's."""
+    try:
+        from transformers.core_model_loading import dot_natural_key
+
+        inputs = sorted(inputs, key=lambda kv: dot_natural_key(kv[0]))  # transformers' order (experts)
+        converter = next(c for c in converters if inputs[0][1] in c.source_patterns)
+        dtype = dtypes[first]
+        group = _HFFusion(module, converter, first, inputs, dtype)
+        made = group.run([torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for _, _, v in inputs])
+    except Exception:  # noqa: BLE001  transformers' machinery changed, or this conversion needs values
+        return None
+    if not made or any(n not in dtypes or dtypes[n] != dtype or not isinstance(t, torch.Tensor) or t.dtype != dtype
+                       for n, t in made.items()):
+        return None
+    return {n: HFConverted(group, n, tuple(t.shape), dtype) for n, t in made.items()}
 
 
 @contextlib.contextmanager

@@ -121,7 +121,7 @@ def _hf_fsdp2_worker(rank, world, cases, source_kind):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("fsdp2"))
-    names = ("llama", "qwen2_tied", "gemma3_bf16", "bert_mlm", "llama_bf16")
+    names = ("llama", "qwen2_tied", "gemma3_bf16", "bert_mlm", "llama_bf16", "mixtral", "qwen2_moe")
     out = {n: models.make_checkpoint(n, root) for n in names}
     out["llama-sharded"] = models.make_checkpoint("llama", root, shard=True)
     return out
@@ -134,6 +134,16 @@ def test_transformers_fsdp2_bit_exact(ckpts, world, source_kind):
         cases = {n: cases[n] for n in ("qwen2_tied", "gemma3_bf16")}
         cases["llama-sharded"] = (ckpts["llama-sharded"], None)
     for rank, res in enumerate(run_ranks(_hf_fsdp2_worker, world, cases, source_kind, timeout=300)):
+        for name, bad in res.items():
+            assert bad == [], f"rank {rank} {name}: {bad}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fused_moe_experts_into_fsdp2_shards(ckpts, world):
+    """Per-expert checkpoint tensors, stacked into 3-D parameters by transformers' own conversion on
+    src, scattered as shards of the stacked tensor (3 ranks: 4 experts make chunks of 2, 2 and none)."""
+    cases = {n: (ckpts[n], None) for n in ("mixtral", "qwen2_moe")}
+    for rank, res in enumerate(run_ranks(_hf_fsdp2_worker, world, cases, "dir", timeout=300)):
         for name, bad in res.items():
             assert bad == [], f"rank {rank} {name}: {bad}"
 
@@ -387,3 +397,22 @@ def test_groups_with_different_offload_policies():
     """fully_shard groups differ in their offload policy: every FSDPParam ends as FSDP2's own reset
     would leave it (compare_sharded checks), shards and forward bit-exact."""
     assert run_ranks(_offload_worker, 2) == [[], []]
+
+
+def test_a_lazily_made_full_source_is_let_go_after_its_pieces():
+    """src makes a full tensor that its ranks' shards cannot be read from directly (a checkpoint
+    tensor fused by transformers' conversion, a box not contiguous in the file) once for all of its
+    pieces, then drops it: not every converted tensor held until the load ends."""
+    from fsdp_fastload.shard import _loader
+
+    made = []
+
+    def source():
+        made.append(1)
+        return torch.arange(6.0)
+
+    load = _loader(source, 1, 2)
+    assert torch.equal(load(), torch.arange(6.0)) and torch.equal(load(), torch.arange(6.0))
+    assert made == [1]
+    load()  # a third use (verify=True reads the pieces again) makes it again
+    assert made == [1, 1]

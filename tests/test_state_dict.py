@@ -29,6 +29,7 @@ def ckpts(tmp_path_factory):
     out = {name: models.make_checkpoint(name, root) for name in models.TRANSFORMERS_CASES}
     out["llama-sharded"] = models.make_checkpoint("llama", root, shard=True)
     out["gemma3-sharded"] = models.make_checkpoint("gemma3", root, shard=True)
+    out["mixtral-sharded"] = models.make_checkpoint("mixtral", root, shard=True)
     return out
 
 
@@ -72,6 +73,17 @@ def test_directories_bit_exact(ckpts, world):
     _check(run_ranks(_sd_worker, world, cases, "dir", None))
 
 
+@pytest.mark.parametrize("cases,dtype", [
+    (["mixtral", "qwen2_moe", "mixtral-sharded"], None),
+    (["mixtral"], torch.bfloat16),  # fp32 experts into a bf16 model: cast first, as transformers does
+])
+def test_fused_moe_checkpoints_bit_exact(ckpts, cases, dtype):
+    """MoE checkpoints store one 2-D tensor per expert (Mixtral under other names too); transformers
+    stacks them into 3-D parameters on load with its own conversion operations, which src applies
+    to each fused parameter as it sends it (verify=True: every rank checks its values too)."""
+    _check(run_ranks(_sd_worker, 2, {n: ckpts[n] for n in cases}, "dir", dtype))
+
+
 @pytest.mark.parametrize("kind", ["file", "mapping"])
 def test_file_and_mapping_sources(ckpts, kind):
     names = ["llama", "qwen2_tied", "bert_mlm"] + (["gemma3-sharded"] if kind == "mapping" else [])
@@ -108,8 +120,11 @@ def _bad_keys_worker(rank, world, ckpts):
                                           r"\(64,\) in the model"),
         "dtype": ({"state_dict": typed}, r"'model.norm.weight' is torch.int32 in the checkpoint but "
                                          r"torch.float32 in the model; only floating-point"),
-        "moe_names": ({"state_dict": ckpts["mixtral"]},
-                      r"persistent tensor\(s\) missing.*mlp.experts.*transformers' own conversion.*"
+        # an expert missing: transformers' conversion cannot stack the layer's experts (not followed)
+        "moe_names": ({"state_dict": {k: v for k, v in load_file(os.path.join(ckpts["mixtral"], "model.safetensors")).items()
+                                      if k != "model.layers.1.block_sparse_moe.experts.3.w1.weight"}},
+                      r"rank 0: 1 persistent tensor\(s\) missing from the checkpoint: "
+                      r"\['model.layers.1.mlp.experts.gate_up_proj'\].*transformers' own conversion.*"
                       r"from_pretrained on src"),
     }
     out = {}
