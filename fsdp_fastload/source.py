@@ -359,7 +359,8 @@ def _hf_fuse(module, converters: list, first: str, inputs: list, dtypes: dict) -
         from transformers.core_model_loading import dot_natural_key
 
         inputs = sorted(inputs, key=lambda kv: dot_natural_key(kv[0]))  # transformers' order (experts)
-        converter = next(c for c in converters if inputs[0][1] in c.source_patterns)
+        # the converter transformers picks: by the first input's pattern, the last one declaring it
+        converter = {k: c for c in converters for k in c.source_patterns}[inputs[0][1]]
         dtype = dtypes[first]
         group = _HFFusion(module, converter, first, inputs, dtype)
         made = group.run([torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for _, _, v in inputs])
