@@ -70,6 +70,11 @@ def geometry(e: Entry, group_ranks: list[int], cache: dict) -> Geometry | str:
         return got.replace("{name}", e.names[0])
     mine = got.boxes[got.me]
     if t._local_tensor.shape != mine[0]:
+        if not e.numel:  # nothing to send (FSDP2 shapes an empty tensor's shards its own way): its shape
+            local = tuple(t._local_tensor.shape)
+            return Geometry(slot_numel=0, boxes=tuple((local, o) if r == got.me else (b, o)
+                                                      for r, (b, o) in enumerate(got.boxes)),
+                            me=got.me, starts=got.starts)
         name = e.names[0]
         return (f"not supported: '{name}' has a local shard of shape {tuple(t._local_tensor.shape)}, but "
                 f"torch.chunk placement gives {mine[0]} at offset {mine[1]} (placements {t.placements}). "
