@@ -9,6 +9,7 @@ source wrote is an error naming it, never garbage. The model is restored as it w
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Callable
 
@@ -57,16 +58,20 @@ def _hf_owners(root: nn.Module, names: list[str]) -> dict[int, nn.Module]:
     return owners
 
 
+def _hf_init(hf: nn.Module, mod: nn.Module) -> Callable[[], None]:
+    def run_hf():
+        guard = getattr(sys.modules.get("transformers.initialization"), "guard_torch_init_functions", None)
+        if guard is not None:
+            with guard():
+                hf._init_weights(mod)
+        else:
+            hf._init_weights(mod)
+    return run_hf
+
+
 def _sources(hf: nn.Module | None, mod: nn.Module, buffer_init: Callable | None):
     if hf is not None and hasattr(hf, "_init_weights"):
-        def run_hf():
-            guard = getattr(sys.modules.get("transformers.initialization"), "guard_torch_init_functions", None)
-            if guard is not None:
-                with guard():
-                    hf._init_weights(mod)
-            else:
-                hf._init_weights(mod)
-        yield f"{type(hf).__name__}._init_weights", run_hf
+        yield f"{type(hf).__name__}._init_weights({type(mod).__name__})", _hf_init(hf, mod)
     for hook in ("reset_parameters", "init_weights"):
         fn = getattr(mod, hook, None)
         if callable(fn):
@@ -77,14 +82,65 @@ def _sources(hf: nn.Module | None, mod: nn.Module, buffer_init: Callable | None)
 
 def recompute(root: nn.Module, entries: list[Entry], views: list[torch.Tensor], local: list[int],
               buffer_init: Callable | None) -> str | None:
-    """Fill `views[i]` for i in `local` by running initializers; None or an error text. Restores the model."""
+    """Fill `views[i]` for i in `local` by running initializers; None or an error text. Restores the model.
+
+    First each owning module's own initializers (see `_sources`); then, for what is still unwritten,
+    transformers' `_init_weights` on the owner's ancestors, innermost first (FalconH1 sets every
+    mixer's `mup_vector` from `_init_weights(FalconH1Model)`)."""
     by_module: dict[int, tuple[nn.Module, list[int]]] = {}
     for i in local:
         for mod, _ in entries[i].owners:
             by_module.setdefault(id(mod), (mod, []))[1].append(i)
-    # Initializers run on these modules (and may recurse into their children): every tensor there is
-    # swapped out, so they write only into the fresh buffer views.
-    reach = {id(m) for mod, _ in by_module.values() for m in mod.modules()}
+    versions = {i: views[i]._version for i in local}
+    tried: dict[int, list[str]] = {}
+    done: set[int] = set()
+    try:
+        hf_owners = _hf_owners(root, [n for i in local for n in entries[i].names])
+        with _swapped(entries, views, local, [mod for mod, _ in by_module.values()]):
+            for mod, ids in by_module.values():
+                for what, fn in _sources(hf_owners.get(id(mod)), mod, buffer_init):
+                    if all(i in done for i in ids):
+                        break
+                    _run(fn, what, entries, views, ids, versions, tried, done)
+        left = [i for i in local if i not in done]
+        if left:
+            for anc, ids in _ancestors(root, entries, left):
+                hf = hf_owners.get(id(anc))
+                ids = [i for i in ids if i not in done]
+                if not ids or hf is None or not hasattr(hf, "_init_weights"):
+                    continue
+                with _swapped(entries, views, local, [anc]):
+                    _run(_hf_init(hf, anc), f"{type(hf).__name__}._init_weights({type(anc).__name__})",
+                         entries, views, ids, versions, tried, done)
+    except Exception as ex:
+        return f"recomputing non-persistent buffers failed: {type(ex).__name__}: {ex}"
+    missing = [i for i in local if i not in done]
+    if missing:
+        desc = [f"'{entries[i].names[0]}' ({entries[i].dtype}, {list(entries[i].shape)}; tried: "
+                f"{', '.join(tried.get(i, [])) or 'nothing'})" for i in missing[:5]]
+        what = ("non-persistent buffer(s)" if all(entries[i].kind == "buffer" for i in missing) else
+                "tensor(s) absent from the checkpoint (non-persistent buffers, parameters it leaves out)")
+        return (f"{len(missing)} {what} were neither sent by src nor written by any "
+                f"initializer: {'; '.join(desc)}. Pass buffer_init=fn(module) that sets them, include "
+                "them in state_dict, or let src hold their values (materialize the src model).")
+    return None
+
+
+def _run(fn, what: str, entries, views, ids, versions, tried, done) -> None:
+    for i in ids:
+        tried.setdefault(i, []).append(what)
+    with torch.no_grad():
+        fn()
+    _absorb(entries, views, ids)
+    done.update(i for i in ids if _written(views[i], versions[i]))
+
+
+@contextlib.contextmanager
+def _swapped(entries: list[Entry], views: list[torch.Tensor], local: list[int], roots: list[nn.Module]):
+    """While inside, every tensor of `roots` and their children is swapped out: the `local` ones for
+    their fresh views, every other one (loaded values, or src's own tensors) for a `meta` placeholder,
+    so initializers (which may recurse into children) write only into the fresh views. Restored after."""
+    reach = {id(m) for r in roots for m in r.modules()}
     touched = []
     for i, e in enumerate(entries):  # (a plain loop: a generator per entry cost ~1 us each)
         for mod, _ in e.owners:
@@ -96,38 +152,31 @@ def recompute(root: nn.Module, entries: list[Entry], views: list[torch.Tensor], 
              for i in touched for mod, attr in entries[i].owners]
     local_set = set(local)
     try:
-        with torch.no_grad():
-            for i in touched:
-                e = entries[i]
-                t = views[i] if i in local_set else _placeholder(e)
-                for mod, attr in e.owners:
-                    (mod._parameters if e.kind == "param" else mod._buffers)[attr] = t
-            versions = {i: views[i]._version for i in local}
-            tried: dict[int, list[str]] = {}
-            hf_owners = _hf_owners(root, [n for i in local for n in entries[i].names])
-            done: set[int] = set()
-            for mod, ids in by_module.values():
-                for what, fn in _sources(hf_owners.get(id(mod)), mod, buffer_init):
-                    if all(i in done for i in ids):
-                        break
-                    for i in ids:
-                        tried.setdefault(i, []).append(what)
-                    fn()
-                    _absorb(entries, views, ids)
-                    done.update(i for i in ids if _written(views[i], versions[i]))
-    except Exception as ex:
-        return f"recomputing non-persistent buffers failed: {type(ex).__name__}: {ex}"
+        for i in touched:
+            e = entries[i]
+            t = views[i] if i in local_set else _placeholder(e)
+            for mod, attr in e.owners:
+                (mod._parameters if e.kind == "param" else mod._buffers)[attr] = t
+        yield
     finally:
         for mod, attr, kind, t in saved:
             (mod._parameters if kind == "param" else mod._buffers)[attr] = t
-    missing = [i for i in local if i not in done]
-    if missing:
-        desc = [f"'{entries[i].names[0]}' ({entries[i].dtype}, {list(entries[i].shape)}; tried: "
-                f"{', '.join(tried.get(i, [])) or 'nothing'})" for i in missing[:5]]
-        return (f"{len(missing)} non-persistent buffer(s) were neither sent by src nor written by any "
-                f"initializer: {'; '.join(desc)}. Pass buffer_init=fn(module) that sets them, include "
-                "them in state_dict, or let src hold their values (materialize the src model).")
-    return None
+
+
+def _ancestors(root: nn.Module, entries: list[Entry], ids: list[int]) -> list[tuple[nn.Module, list[int]]]:
+    """(ancestor module, the entries `ids` below it) for every module strictly above the entries'
+    owners on the path of their first name, innermost first."""
+    found: dict[int, tuple[int, nn.Module, list[int]]] = {}
+    for i in ids:
+        path, mod = [root], root
+        for part in entries[i].names[0].split(".")[:-1]:
+            mod = mod._modules.get(part)
+            if mod is None:
+                break
+            path.append(mod)
+        for depth, anc in enumerate(path[:-1]):
+            found.setdefault(id(anc), (depth, anc, []))[2].append(i)
+    return [(anc, ids) for _, anc, ids in sorted(found.values(), key=lambda x: -x[0])]
 
 
 def _absorb(entries: list[Entry], views: list[torch.Tensor], ids: list[int]) -> None:
