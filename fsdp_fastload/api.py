@@ -182,15 +182,22 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     if error is None and is_src and state_dict is not None:
         try:
             source = open_source(state_dict)
-            src_plan, error = match(entries, source, strict=opts["strict"])
+            unsaved = _unsaved(module)
+            src_plan, error = match(entries, source, strict=opts["strict"], unsaved=unsaved)
             if error is not None:  # keys transformers renames on load (embed_out -> lm_head, ...)?
                 renamed = hf_renamed(module, source, {n: e.dtype for e in entries for n in e.names})
                 if renamed is not None and renamed.keys() != source.keys():
                     # what transformers would see: its error too (e.g. the one fused parameter an
                     # incomplete layer of experts cannot make, not every renamed key)
-                    src_plan, error = match(entries, renamed, strict=opts["strict"])
+                    src_plan, error = match(entries, renamed, strict=opts["strict"], unsaved=unsaved)
         except CheckpointError as e:
             error = str(e)
+        lost = [entries[i].names[0] for i in shd if src_plan.sources[i] is None] if src_plan and shd else []
+        if lost:  # recomputed locally: not into shards (an initializer writes the full tensor)
+            src_plan, error = None, (
+                f"{lost[:5]}: not in the checkpoint (transformers leaves such tensors out on save and "
+                "recomputes them on load) but sharded by FSDP2, and a sharded tensor is not recomputed here. "
+                "Pass state_dict=from_pretrained(...).state_dict() on src, which holds them.")
         if src_plan is not None and src_plan.unexpected:
             warnings.warn(f"fsdp_fastload.materialize: {len(src_plan.unexpected)} checkpoint key(s) not "
                           f"in the model were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
@@ -456,6 +463,13 @@ def _resolve_device(device, backend: str) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def _unsaved(module: nn.Module) -> frozenset:
+    """Names a transformers model's `save_pretrained` leaves out on purpose (`_keys_to_ignore_on_save`,
+    gathered over its submodules when it is built): `from_pretrained` recomputes them."""
+    keys = getattr(module, "_keys_to_ignore_on_save", None) if "transformers" in sys.modules else None
+    return frozenset(k for k in keys if isinstance(k, str)) if keys else frozenset()
 
 
 def _warn_kept_in_fp32(module: nn.Module, entries: list[Entry], rank: int) -> None:

@@ -195,8 +195,12 @@ class Plan:
     unexpected: list[str]
 
 
-def match(entries, source: dict, *, strict: bool) -> tuple[Plan | None, str | None]:
-    """Map checkpoint keys onto manifest entries; (plan, None) or (None, error text). Moves no data."""
+def match(entries, source: dict, *, strict: bool, unsaved: frozenset = frozenset()) -> tuple[Plan | None, str | None]:
+    """Map checkpoint keys onto manifest entries; (plan, None) or (None, error text). Moves no data.
+
+    `unsaved`: names the model's own saving leaves out on purpose (transformers'
+    `_keys_to_ignore_on_save`: Marian's sinusoidal positions), recomputed like non-persistent buffers
+    when the checkpoint lacks them."""
     sources, wire, missing, problems = [], [], [], []
     used: set[str] = set()
     for e in entries:
@@ -211,7 +215,7 @@ def match(entries, source: dict, *, strict: bool) -> tuple[Plan | None, str | No
             v = None if key is None else source[key]
             used.update(n for n in names if n in source)
         if v is None:
-            if e.persistent:
+            if e.persistent and not (unsaved and any(n in unsaved for n in names)):
                 missing.append(e.names[0])
             sources.append(None)
             wire.append(None)
