@@ -199,8 +199,9 @@ def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
 
 def _buckets(spans: list[tuple[int, int, bool]], size: int) -> list[tuple[int, int]]:
     """Byte ranges to broadcast. A run (or a tensor) of at least `direct_min` bytes gets buckets of
-    its own, pieces of up to RUN_CHUNK buckets that src sends from where they live; runs of smaller
-    tensors share a bucket of at most `size` bytes, which src packs."""
+    its own, pieces of up to RUN_CHUNK buckets that src sends from where they live (the very first
+    piece one bucket: nothing moves until src has read it); runs of smaller tensors share a bucket
+    of at most `size` bytes, which src packs."""
     out: list[tuple[int, int]] = []
     group: list[int] | None = None  # [start, end] of the open group of small tensors
     for s, e, big in spans:
@@ -209,6 +210,9 @@ def _buckets(spans: list[tuple[int, int, bool]], size: int) -> list[tuple[int, i
             group = None
         if big:
             chunk = size * RUN_CHUNK
+            if not out:  # the transfer's first bucket is one bucket: the pipeline starts (src reads it) sooner
+                out.append((s, min(s + size, e)))
+                s = min(s + size, e)
             out.extend((a, min(a + chunk, e)) for a in range(s, e, chunk))
         elif group is None:
             group = [s, e]
