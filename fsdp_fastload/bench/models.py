@@ -1,4 +1,5 @@
-"""What the benchmark loads: bf16 Llama checkpoints built once from configs, and plain synthetic modules.
+"""What the benchmark loads: bf16 Llama (and one Mixtral) checkpoints built once from configs, and plain
+synthetic modules.
 
 A worker gets a model *spec* (a small dict, JSON through the command line) and turns it into a
 ``Source`` with ``real()`` (rank src's model), ``meta()`` (everyone else's) and ``layers(model)``
@@ -23,6 +24,11 @@ MODELS: dict[str, dict[str, Any]] = {
     # 29.2M params, 1,443 tensors, 58 MB in bf16
     "deep": dict(hidden_size=128, num_hidden_layers=160, vocab_size=4000, intermediate_size=288,
                  num_attention_heads=2, num_key_value_heads=2, **_COMMON),
+    # MoE (Mixtral): 18.5M params, 133 tensors on disk (one per expert matrix: transformers stacks a
+    # layer's experts into 3-D parameters on load, 45 in the model), 37 MB in bf16
+    "moe": dict(arch="mixtral", hidden_size=256, num_hidden_layers=4, vocab_size=8000, intermediate_size=512,
+                num_attention_heads=4, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                **_COMMON),
     # 0.1M params, 21 tensors: for the smoke test
     "tiny": dict(hidden_size=32, num_hidden_layers=2, vocab_size=512, intermediate_size=64,
                  num_attention_heads=2, num_key_value_heads=2, **_COMMON),
@@ -47,12 +53,15 @@ def ensure_checkpoint(cache: Path, name: str) -> Path:
     if marker.is_file() and marker.read_text() == spec:
         return ckpt
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     print(f"[build] {name}: creating checkpoint in {ckpt} ...", flush=True)
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**MODELS[name])).to(torch.bfloat16)
+    cfg = dict(MODELS[name])
+    arch = {"llama": "Llama", "mixtral": "Mixtral"}[cfg.pop("arch", "llama")]
+    model = getattr(transformers, f"{arch}ForCausalLM")(getattr(transformers, f"{arch}Config")(**cfg))
+    model = model.to(torch.bfloat16)
     ckpt.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(ckpt, safe_serialization=True)
     n, nt = sum(p.numel() for p in model.parameters()), len(model.state_dict())
