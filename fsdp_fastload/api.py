@@ -193,9 +193,9 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         except CheckpointError as e:
             error = str(e)
         if error is not None and shd and "missing from the checkpoint" in error:
-            error += (" With FSDP2: a parameter shared by modules that two fully_shard calls wrap becomes "
-                      "two tensors (a checkpoint holds it once, under one name): wrap the modules that share "
-                      "parameters (tied embeddings, a block reused by several layers) in one fully_shard group.")
+            error += (" If the model shares a parameter between modules that two fully_shard calls wrap "
+                      "(tied embeddings, a block reused by several layers), FSDP2 made it two tensors and a "
+                      "checkpoint holds it once: wrap the modules that share parameters in one fully_shard group.")
         lost = [entries[i].names[0] for i in shd if src_plan.sources[i] is None] if src_plan and shd else []
         if lost:  # recomputed locally: not into shards (an initializer writes the full tensor)
             src_plan, error = None, (

@@ -295,8 +295,9 @@ def hf_renamed(module, source: dict, dtypes: dict) -> dict | None:
         if new in out:
             return None
         out[new] = value
+    by_pattern = {k: c for c in converters for k in c.source_patterns}  # as transformers: the last declaring it
     for first, inputs in fused.items():
-        made = _hf_fuse(module, converters, first, inputs, dtypes)
+        made = _hf_fuse(module, by_pattern, first, inputs, dtypes)
         if made is None:  # not followed: the checkpoint's own names, unmatched
             for key, _, value in inputs:
                 out.setdefault(key, value)
@@ -355,16 +356,16 @@ class _HFFusion:
         return self.made.pop(name)
 
 
-def _hf_fuse(module, converters: list, first: str, inputs: list, dtypes: dict) -> dict | None:
+def _hf_fuse(module, by_pattern: dict, first: str, inputs: list, dtypes: dict) -> dict | None:
     """name -> `HFConverted` for what transformers' converter makes of `inputs` ((checkpoint key,
     the converter's source pattern it matched, value)), or None where that cannot be followed: a dry
-    run on meta tensors fails, or makes a name the model lacks or a dtype other than the model's."""
+    run on meta tensors fails, or makes a name the model lacks or a dtype other than the model's.
+    `by_pattern`: source pattern -> converter."""
     try:
         from transformers.core_model_loading import dot_natural_key
 
         inputs = sorted(inputs, key=lambda kv: dot_natural_key(kv[0]))  # transformers' order (experts)
-        # the converter transformers picks: by the first input's pattern, the last one declaring it
-        converter = {k: c for c in converters for k in c.source_patterns}[inputs[0][1]]
+        converter = by_pattern[inputs[0][1]]  # the one transformers picks: by the first input's pattern
         dtype = dtypes[first]
         group = _HFFusion(module, converter, first, inputs, dtype)
         made = group.run([torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for _, _, v in inputs])
