@@ -196,12 +196,6 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
             error += (" If the model shares a parameter between modules that two fully_shard calls wrap "
                       "(tied embeddings, a block reused by several layers), FSDP2 made it two tensors and a "
                       "checkpoint holds it once: wrap the modules that share parameters in one fully_shard group.")
-        lost = [entries[i].names[0] for i in shd if src_plan.sources[i] is None] if src_plan and shd else []
-        if lost:  # recomputed locally: not into shards (an initializer writes the full tensor)
-            src_plan, error = None, (
-                f"{lost[:5]}: not in the checkpoint (transformers leaves such tensors out on save and "
-                "recomputes them on load) but sharded by FSDP2, and a sharded tensor is not recomputed here. "
-                "Pass state_dict=from_pretrained(...).state_dict() on src, which holds them.")
         if src_plan is not None and src_plan.unexpected:
             warnings.warn(f"fsdp_fastload.materialize: {len(src_plan.unexpected)} checkpoint key(s) not "
                           f"in the model were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
@@ -311,8 +305,10 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         for a in range(0, len(rep_entries), _PIECE):
             prepared.extend(prepare_install(rep_entries[a:a + _PIECE], part_views[0][a:a + _PIECE]))
             yield
-        if local:  # reads no value: recomputed while the bytes arrive, agreed on afterwards
-            recomputed.append(_recompute(module, entries, rep, part_views[0], local, opts["buffer_init"]))
+        if local or shd_missing:  # reads no value: recomputed while the bytes arrive, agreed on afterwards
+            recomputed.append(_recompute(module, entries, rep, part_views[0], local, opts["buffer_init"],
+                                         {shd[k]: (shd_local[k], geos[k].boxes[me]) for k in shd_missing},
+                                         device))
             yield
         if shd:
             yield from shard.prepare_shards(module, shd_entries, part_views[1], shd_local, shd_prepared,
@@ -323,6 +319,9 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
             pass
 
     local = [i for i in range(len(rep_entries)) if layout.wire_dtype[i] is None]
+    # sharded tensors src does not send (a parameter transformers never saves): recomputed whole,
+    # each rank keeping its box
+    shd_missing = [k for k in range(len(shd_entries)) if shd_layout.wire_dtype[k] is None] if shd else []
     shd_prepared: list = []
     recomputed: list = []  # the error (or None) of recomputing the local buffers
     t_alloc = time.perf_counter()
@@ -360,7 +359,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     t_fill = time.perf_counter()
 
     # 5-6. non-persistent buffers nobody sent (recomputed during the fill): agreed on; verify, install.
-    if local:
+    if local or shd_missing:
         error = recomputed[0]
         if distributed:
             agree(group=group, src=src, rank=rank, comm_device=comm_device, fp=0, summary=[], error=error)
@@ -370,7 +369,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         _verify(rep_entries, views, group=group, src=src, rank=rank, comm_device=comm_device)
         if shd:
             per_rank = [shard.local_sources(sources[i], entries[i], g, read_threads=opts["read_threads"])
-                        for i, g in zip(shd, geos)] if is_src else None
+                        if sources[i] is not None else None for i, g in zip(shd, geos)] if is_src else None
             shard.verify_shards(shd_entries, part_views[1], geos, per_rank, group=group, src=src,
                                 rank=rank, comm_device=comm_device)
     commit_install(rep_entries, prepared)
@@ -385,17 +384,31 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
 
 
 def _recompute(module: nn.Module, entries: list[Entry], rep: list[int], views: list[torch.Tensor],
-               local: list[int], buffer_init) -> str | None:
+               local: list[int], buffer_init, sharded: dict, device: torch.device) -> str | None:
     """Non-persistent buffers nobody sends (`local`: indices into the replicated entries `rep`),
     written by their initializers into `views`, poisoned first so that one nobody wrote is caught;
-    the error text or None (see `buffers.recompute`)."""
+    the error text or None (see `buffers.recompute`). `sharded`: entry index -> (this rank's local
+    shard view, its (shape, offset) box) of DTensors nobody sends: an initializer writes the whole
+    tensor into a temporary one, of which each rank keeps its box."""
     for i in local:
         if views[i].numel():
             ops.poison_(views[i].view(-1).view(torch.uint8), POISON)
     all_views: list = [None] * len(entries)
     for k, i in enumerate(rep):
         all_views[i] = views[k]
-    return recompute(module, entries, all_views, [rep[i] for i in local], buffer_init)
+    for i in sharded:
+        e = entries[i]
+        all_views[i] = full = torch.empty(e.shape, dtype=e.dtype, device=device)
+        if full.numel():
+            ops.poison_(full.view(-1).view(torch.uint8), POISON)
+    error = recompute(module, entries, all_views, [rep[i] for i in local] + list(sharded), buffer_init)
+    if error is None:
+        for i, (mine, (shape, offset)) in sharded.items():
+            piece = all_views[i]
+            for d, (o, n) in enumerate(zip(offset, shape)):
+                piece = piece.narrow(d, o, n)
+            mine.copy_(piece)
+    return error
 
 
 def _main_estimate(entries: list[Entry], rep: list[int], shd: list[int], geos: list) -> int:

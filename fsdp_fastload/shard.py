@@ -231,7 +231,7 @@ def rank_packers(sources: list, entries: list[Entry], geos: list[Geometry], layo
     for i, (s, g) in enumerate(zip(sources, geos)):
         f = facts[i]
         plain = (f[2] == wire[i]) if f is not None else (type(s) is FileTensor and s.dtype == wire[i])
-        if not plain or None in g.starts:
+        if s is not None and (not plain or None in g.starts):  # (None: not sent, recomputed by every rank)
             odd[i] = local_sources(s, entries[i], g, read_threads=read_threads)
     counts: dict = {}  # (geometry, rank) -> elements of that rank's box
     names = [e.names[0] for e in entries]
@@ -243,7 +243,7 @@ def rank_packers(sources: list, entries: list[Entry], geos: list[Geometry], layo
             piece_facts[i] = memory_facts([per[r]])[0]
         skips, numels = [], []
         for i, g in enumerate(geos):
-            if i in odd:
+            if i in odd or sources[i] is None:
                 skips.append(None)
                 numels.append(None)
                 continue
@@ -485,6 +485,8 @@ def verify_shards(entries: list[Entry], slots: list[torch.Tensor], geos: list[Ge
     bad: list = []
     if rank == src:
         for i, e in enumerate(entries):
+            if per_rank[i] is None:  # recomputed on every rank, not sent
+                continue
             for r_i, r in enumerate(ranks):
                 want = checksum(_piece(per_rank[i][r_i]).to(e.dtype).contiguous())
                 if int(gathered[r_i][i]) != want:

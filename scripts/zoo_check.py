@@ -219,8 +219,6 @@ FLOWS = ("model", "dir", "fsdp2")
 # (architecture, flow) -> a piece of the refusal expected there; every other case must load bit-exact
 REFUSED = {
     ("clip", "fsdp2"): "fully_shard refuses",  # FSDP2 itself: a scalar parameter (logit_scale)
-    # Marian's sinusoidal positions are not saved (transformers recomputes them); not into shards
-    ("marian", "fsdp2"): "not recomputed here",
     # a block shared by several layers, each layer wrapped by its own fully_shard: FSDP2 splits the tie
     ("zamba", "fsdp2"): "in one fully_shard group",
     **{(name, "fsdp2"): "fully_shard refuses" for name in ("funnel", *FULLY_SHARD_REFUSES)},

@@ -424,3 +424,42 @@ def test_a_lazily_made_full_source_is_let_go_after_its_pieces():
     assert made == [1]
     load()  # a third use (verify=True reads the pieces again) makes it again
     assert made == [1, 1]
+
+
+def _marian_worker(rank, world, path):
+    import transformers
+
+    from fsdp_fastload import materialize
+
+    cls = transformers.MarianMTModel
+    with torch.device("meta"):
+        model = cls._from_config(transformers.AutoConfig.from_pretrained(path))
+    shard_model(model, _mesh(world))
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    materialize(model, "cpu", state_dict=path if rank == 0 else None, poison=True, verify=True,
+                bucket_size=1 << 16)
+    ref = cls.from_pretrained(path).eval()
+    for n, p in ref.named_parameters():  # src's module decides (transformers 5 turns requires_grad on when loading)
+        p.requires_grad_(grads[n])
+    return compare_sharded(model, ref, rank, world)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_unsaved_parameters_recomputed_into_shards(tmp_path, world):
+    """Marian never saves its sinusoidal positions (`_keys_to_ignore_on_save`; transformers recomputes
+    them on load): every rank runs the initializer into a whole temporary tensor and keeps its shard
+    (64 positions over 3 ranks: 22, 22, 20 rows); every full tensor bit-exact, verify=True passes."""
+    import transformers
+
+    cfg = transformers.MarianConfig(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2,
+                                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
+                                    decoder_ffn_dim=37, max_position_embeddings=64, pad_token_id=0,
+                                    bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, decoder_vocab_size=99)
+    torch.manual_seed(0)
+    transformers.MarianMTModel(cfg).save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert not any("embed_positions" in k for k in f.keys())  # what makes this case
+    for rank, bad in enumerate(run_ranks(_marian_worker, world, str(tmp_path), timeout=300)):
+        assert bad == [], f"rank {rank}: {bad}"
