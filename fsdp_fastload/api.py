@@ -346,7 +346,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                            max_inflight=opts["max_inflight"], timeout=timeout)
         shard.scatter_fill(targets[1], shd_layout, is_src=is_src, packers=packers if is_src else None,
                            src=src, group=group, device=device, sends=sends, progress=opts["progress"],
-                           max_inflight=opts["max_inflight"], meanwhile=carve_pieces)
+                           meanwhile=carve_pieces)
     views = part_views[0]
     for pairs in conversions:
         for v, w in pairs:
@@ -404,10 +404,7 @@ def _recompute(module: nn.Module, entries: list[Entry], rep: list[int], views: l
     error = recompute(module, entries, all_views, [rep[i] for i in local] + list(sharded), buffer_init)
     if error is None:
         for i, (mine, (shape, offset)) in sharded.items():
-            piece = all_views[i]
-            for d, (o, n) in enumerate(zip(offset, shape)):
-                piece = piece.narrow(d, o, n)
-            mine.copy_(piece)
+            mine.copy_(shard.box_of(all_views[i], shape, offset))
     return error
 
 

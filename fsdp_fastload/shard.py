@@ -161,10 +161,14 @@ class _LazySlice:
         return False
 
     def __call__(self) -> torch.Tensor:
-        t = self.full()
-        for d, (o, n) in enumerate(zip(self.offset, self.shape)):
-            t = t.narrow(d, o, n)
-        return t
+        return box_of(self.full(), self.shape, self.offset)
+
+
+def box_of(full: torch.Tensor, shape: tuple, offset: tuple) -> torch.Tensor:
+    """The view of `full` that is the box of `shape` at `offset` (a rank's local shard)."""
+    for d, (o, n) in enumerate(zip(offset, shape)):
+        full = full.narrow(d, o, n)
+    return full
 
 
 def _loader(source, read_threads: int, uses: int) -> Callable[[], torch.Tensor]:
@@ -265,8 +269,7 @@ def slot_entries(entries: list[Entry], geos: list[Geometry]) -> list[Entry]:
 
 def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, is_src: bool,
                  packers: list | None, src: int, group, device: torch.device, sends,
-                 progress: bool | None = None, max_inflight: int = 4,
-                 meanwhile: Callable[[], object] | None = None) -> None:
+                 progress: bool | None = None, meanwhile: Callable[[], object] | None = None) -> None:
     """Fill bucket k's `target(a, b)` on every rank with its own bytes of [a, b) (one scatter each).
 
     On src, `packers[i]` writes group rank i's bytes: the other ranks' pieces go into one of two
