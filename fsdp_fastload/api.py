@@ -17,7 +17,7 @@ from . import ops, shard
 from .agree import MaterializeError, agree
 from .buffers import POISON, recompute
 from .comm import Broadcasts, pack_all
-from .fill import Packer, broadcast_fill
+from .fill import Meanwhile, Packer, broadcast_fill
 from .install import commit as commit_install
 from .install import prepare as prepare_install
 from .layout import ALIGN, Layout, memory_facts, plan
@@ -248,6 +248,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     t_agree = time.perf_counter()
     fill = dict(src=src, group=group, device=device, max_inflight=opts["max_inflight"],
                 progress=opts["progress"], timeout=timeout)
+    settle = dict(distributed=distributed, group=group, src=src, rank=rank, comm_device=comm_device)
 
     # 2-3. layout, one allocation (plus a wire buffer for dtype-converted tensors), all views.
     if kept:
@@ -255,7 +256,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         if distributed:
             packer = Packer(sources, layout, read_threads=opts["read_threads"],
                             names=[e.names[0] for e in entries], facts=facts)
-            broadcast_fill(None, layout, is_src=True, packer=packer, **fill)
+            _settle(broadcast_fill(None, layout, is_src=True, packer=packer, **fill), **settle)
         t_fill = time.perf_counter()
         if verify and distributed:
             _verify(entries, [e.tensor for e in entries], group=group, src=src, rank=rank,
@@ -314,10 +315,6 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
             yield from shard.prepare_shards(module, shd_entries, part_views[1], shd_local, shd_prepared,
                                             piece=_PIECE)
 
-    def carve_all() -> None:
-        for _ in carve_pieces():
-            pass
-
     local = [i for i in range(len(rep_entries)) if layout.wire_dtype[i] is None]
     # sharded tensors src does not send (a parameter transformers never saves): recomputed whole,
     # each rank keeping its box
@@ -329,24 +326,31 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     # 4. fill: bucket by bucket, src packing/reading the next while the current one is in flight.
     packer = (Packer(rep_sources, layout, read_threads=opts["read_threads"], facts=facts,
                      names=[e.names[0] for e in rep_entries]) if is_src and layout.buckets else None)
+    problems: list = []  # this rank's own: src's read/pack failure, a failure while bytes arrived
     if distributed and layout.buckets:
         # With shards the views are made during the scatters instead (the time waited here is short).
-        broadcast_fill(targets[0], layout, is_src=is_src, packer=packer,
-                       meanwhile=None if shd else carve_pieces, **fill)
+        problems.append(broadcast_fill(targets[0], layout, is_src=is_src, packer=packer,
+                                       meanwhile=None if shd else carve_pieces, **fill))
     else:  # one process, or nothing replicated to send (every rank has the same layout: no collective)
         if packer is not None:
             pack_all(targets[0], layout, packer)
         if not shd:
-            carve_all()
+            later = Meanwhile(carve_pieces)
+            later.finish()
+            problems.append(later.problem())
     if shd:
         if is_src:
             packers = shard.rank_packers([sources[i] for i in shd], shd_entries, geos, shd_layout,
                                          read_threads=opts["read_threads"])
-        sends = Broadcasts(shd_layout, src=src, group=group, device=device, op="scatter",
-                           max_inflight=opts["max_inflight"], timeout=timeout)
-        shard.scatter_fill(targets[1], shd_layout, is_src=is_src, packers=packers if is_src else None,
-                           src=src, group=group, device=device, sends=sends, progress=opts["progress"],
-                           meanwhile=carve_pieces)
+        sends = Broadcasts(shd_layout, src=src, group=group, op="scatter", max_inflight=opts["max_inflight"],
+                           timeout=timeout)
+        problems.append(shard.scatter_fill(
+            targets[1], shd_layout, is_src=is_src, packers=packers if is_src else None, src=src, group=group,
+            device=device, sends=sends, progress=opts["progress"], meanwhile=carve_pieces))
+    if local or shd_missing:  # non-persistent buffers nobody sent, recomputed during the fill
+        problems.append(recomputed[0] if recomputed else None)
+    # 5. one agreement after every fill: all ranks raise together, or all go on to install.
+    _settle(next((p for p in problems if p), None), **settle)
     views = part_views[0]
     for pairs in conversions:
         for v, w in pairs:
@@ -358,13 +362,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         shard.zero_padding(part_views[1], shd_entries, geos, me)
     t_fill = time.perf_counter()
 
-    # 5-6. non-persistent buffers nobody sent (recomputed during the fill): agreed on; verify, install.
-    if local or shd_missing:
-        error = recomputed[0]
-        if distributed:
-            agree(group=group, src=src, rank=rank, comm_device=comm_device, fp=0, summary=[], error=error)
-        elif error:
-            raise MaterializeError(f"fsdp_fastload.materialize: {error}")
+    # 6. verify, install.
     if verify and distributed:
         _verify(rep_entries, views, group=group, src=src, rank=rank, comm_device=comm_device)
         if shd:
@@ -381,6 +379,15 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
          phases={"agree": t_agree - t_start, "alloc": t_alloc - t_agree, "fill": t_fill - t_alloc,
                  "install": t_end - t_fill})
     return module
+
+
+def _settle(problem: str | None, *, distributed: bool, group, src: int, rank: int, comm_device) -> None:
+    """After the fill: every rank raises together if any rank had a problem (`problem`: this rank's).
+    Every rank calls this exactly once per call when distributed, whatever its path."""
+    if distributed:
+        agree(group=group, src=src, rank=rank, comm_device=comm_device, fp=0, summary=[], error=problem)
+    elif problem:
+        raise MaterializeError(f"fsdp_fastload.materialize: {problem}")
 
 
 def _recompute(module: nn.Module, entries: list[Entry], rep: list[int], views: list[torch.Tensor],

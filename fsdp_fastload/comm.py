@@ -10,7 +10,8 @@ Two kinds of failure, two answers:
   raises its own; nobody waits for a rank that is gone.
 - src cannot produce a bucket (a checkpoint truncated or unreadable after its header was checked):
   src cannot skip a broadcast the receivers are waiting in, so it keeps sending (the remaining
-  buckets unpacked), and a final ``agree`` makes every rank raise src's error together.
+  buckets unpacked); the fill returns src's error, and the one agreement after every fill (in
+  ``api``, with any rank's own failure while the bytes arrived) makes every rank raise it together.
 
 Either way nothing has been installed yet: src's module and the receivers' meta modules are unchanged.
 """
@@ -25,7 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .agree import MaterializeError, agree
+from .agree import MaterializeError
 from .layout import Layout
 
 MIN_TIMEOUT_S = 60.0
@@ -58,18 +59,16 @@ class Broadcasts:
 
     `send(k, buf)` broadcasts bucket k from src (with `op="scatter"`: scatters `scatter_list`, given
     on src, each rank receiving its piece into `buf`); `wait(sent)` waits for one; `fail(k, exc)`
-    records a local error on src (which then keeps sending); `finish()` waits for the rest, then
-    every rank raises src's recorded error, if any, together.
+    records a local error on src (which then keeps sending) in `error`; `drain()` waits for the rest.
+    The caller agrees on `error` with the other ranks afterwards (one agreement for all fills).
     """
 
-    def __init__(self, layout: Layout, *, src: int, group, device: torch.device, max_inflight: int,
-                 timeout: float | None, op: str = "broadcast"):
+    def __init__(self, layout: Layout, *, src: int, group, max_inflight: int, timeout: float | None,
+                 op: str = "broadcast"):
         self.layout, self.src, self.group, self.max_inflight = layout, src, group, max_inflight
         self.op = op
         self.timeout = default_timeout(layout.wire_total) if timeout is None else float(timeout)
         self.rank = dist.get_rank()
-        backend = str(dist.get_backend(group))
-        self.comm_device = torch.device("cpu") if "gloo" in backend else device
         self.inflight: deque[_Sent] = deque()
         self.error: str | None = None
         # work to do instead of blocking on a transfer: called until the transfer completes or it
@@ -115,11 +114,10 @@ class Broadcasts:
             "materialize read its header (truncated, rewritten, a failing disk), restore it and retry. "
             "Nothing was installed on any rank.")
 
-    def finish(self) -> None:
+    def drain(self) -> None:
+        """Wait for every collective still in flight."""
         while self.inflight:
             self.wait(self.inflight.popleft())
-        agree(group=self.group, src=self.src, rank=self.rank, comm_device=self.comm_device, fp=0,
-              summary=[], error=self.error)
 
     def _comm_error(self, k: int, e: RuntimeError, waited: float) -> MaterializeError:
         a, b = self.layout.buckets[k]

@@ -280,7 +280,7 @@ def _progress(total: int) -> Callable[[int, float], None] | None:
 def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: Layout, *, is_src: bool,
                    packer: Packer | None, src: int, group, device: torch.device,
                    max_inflight: int = 4, progress: bool | None = None,
-                   timeout: float | None = None, meanwhile: Callable[[], object] | None = None) -> None:
+                   timeout: float | None = None, meanwhile: Callable[[], object] | None = None) -> str | None:
     """Fill every bucket's `target(a, b)` on every rank with src's bytes (collective).
 
     `target=None` on src means src keeps its own tensors (already on `device`): a bucket inside one
@@ -288,11 +288,12 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
     `meanwhile` (work that needs no values: carving views, making parameters) runs while bytes
     arrive, in the time this rank would otherwise spend blocked on a transfer (see `Meanwhile`).
     Failures (see `comm.Broadcasts`): a dead or stuck peer raises MaterializeError on every surviving
-    rank within `timeout` seconds per wait (None: `comm.default_timeout`); a read/pack failure on src
-    is raised on every rank after the last bucket. Either way nothing was installed.
+    rank within `timeout` seconds per wait (None: `comm.default_timeout`). Returns this rank's own
+    problem, None if all went well: a read/pack failure on src, or a failure of `meanwhile`, for the
+    caller to agree on with the other ranks once every fill is done (so that all raise together).
+    Either way nothing was installed.
     """
-    sends = Broadcasts(layout, src=src, group=group, device=device, max_inflight=max_inflight,
-                       timeout=timeout)
+    sends = Broadcasts(layout, src=src, group=group, max_inflight=max_inflight, timeout=timeout)
     if is_src and target is None:
         return _send_kept(layout, packer, sends, device=device, progress=progress)
     cuda = device.type == "cuda"
@@ -315,17 +316,16 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
                     _pack_cuda(dst, a, b, packer, staging[k % 2], events, k % 2, copy_stream, device)
                 else:
                     packer.pack(a, b, dst)
-            except Exception as e:  # noqa: BLE001  src keeps sending; every rank raises it in finish()
+            except Exception as e:  # noqa: BLE001  src keeps sending; every rank raises it after the fill
                 sends.fail(k, e, packer.describe(a, b))
         sends.send(k, dst)
         if show:
             show(b, t0)
     later.finish()
-    sends.finish()
+    sends.drain()
     if cuda:
         torch.cuda.current_stream(device).synchronize()
-    if later.failed is not None:
-        raise later.failed
+    return sends.error or later.problem()
 
 
 class Meanwhile:
@@ -333,9 +333,9 @@ class Meanwhile:
     otherwise block on one of `sends`' transfers (src waiting for a staging buffer or an in-flight
     slot, a receiver for its bytes), and whatever is left by `finish()`. `fn` returns None (one
     piece) or a generator (a piece between yields: keep each under ~1 ms, since a transfer that
-    completes meanwhile waits for the piece to end). A failure is kept in `failed`, to be raised once
-    this rank has taken part in every remaining collective (raising mid-loop would leave the peers
-    waiting)."""
+    completes meanwhile waits for the piece to end). A failure is kept in `failed` (see `problem`),
+    for every rank to raise after the last collective of the fill (raising mid-loop would leave the
+    peers waiting)."""
 
     def __init__(self, fn: Callable[[], object] | None, sends=None):
         self.fn, self.failed, self.pieces = fn, None, None
@@ -365,6 +365,14 @@ class Meanwhile:
         while self.step():
             pass
 
+    def problem(self) -> str | None:
+        """The failure, as text for the agreement after the fill; None if there was none."""
+        e = self.failed
+        if e is None:
+            return None
+        return (f"preparing the tensors to install while the bytes arrived failed: {type(e).__name__}: {e} "
+                "Nothing was installed.")
+
 
 def _pack_cuda(dst, a, b, packer, stage, events, slot, copy_stream, device) -> None:
     """Host data -> pinned staging -> device (side stream); device pieces copied device-to-device."""
@@ -382,7 +390,7 @@ def _pack_cuda(dst, a, b, packer, stage, events, slot, copy_stream, device) -> N
     torch.cuda.current_stream(device).wait_event(ev)  # NCCL orders itself after the current stream
 
 
-def _send_kept(layout: Layout, packer: Packer, sends: Broadcasts, *, device, progress) -> None:
+def _send_kept(layout: Layout, packer: Packer, sends: Broadcasts, *, device, progress) -> str | None:
     show = _progress(layout.wire_total) if progress is not False else None
     t0 = time.perf_counter()
     biggest = max((b - a for a, b in layout.buckets), default=0)
@@ -402,13 +410,14 @@ def _send_kept(layout: Layout, packer: Packer, sends: Broadcasts, *, device, pro
             if sends.error is None:
                 try:
                     packer.pack(a, b, buf)
-                except Exception as e:  # noqa: BLE001  src keeps sending; every rank raises it in finish()
+                except Exception as e:  # noqa: BLE001  src keeps sending; every rank raises it after the fill
                     sends.fail(k, e, packer.describe(a, b))
         sent = sends.send(k, buf)
         if slot is not None:
             slot_sent[slot] = sent
         if show:
             show(b, t0)
-    sends.finish()
+    sends.drain()
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
+    return sends.error

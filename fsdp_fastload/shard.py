@@ -269,14 +269,15 @@ def slot_entries(entries: list[Entry], geos: list[Geometry]) -> list[Entry]:
 
 def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, is_src: bool,
                  packers: list | None, src: int, group, device: torch.device, sends,
-                 progress: bool | None = None, meanwhile: Callable[[], object] | None = None) -> None:
+                 progress: bool | None = None, meanwhile: Callable[[], object] | None = None) -> str | None:
     """Fill bucket k's `target(a, b)` on every rank with its own bytes of [a, b) (one scatter each).
 
     On src, `packers[i]` writes group rank i's bytes: the other ranks' pieces go into one of two
     reused staging buffers, so packing bucket k+1 overlaps scattering bucket k; on a CPU target
     src's own piece is packed straight into its final storage (which is also its scatter input).
     `meanwhile` (work that needs no values) runs in the time this rank would otherwise spend
-    blocked on a scatter (see `fill.Meanwhile`).
+    blocked on a scatter (see `fill.Meanwhile`). Returns this rank's own problem or None, like
+    `fill.broadcast_fill`, for the caller to agree on.
     """
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
     world, me = len(ranks), ranks.index(src)
@@ -314,7 +315,7 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
                         stages[slot].copy_(host, non_blocking=True)
                         copied[slot] = torch.cuda.Event()
                         copied[slot].record()
-                except Exception as e:  # noqa: BLE001  src keeps sending; every rank raises it in finish()
+                except Exception as e:  # noqa: BLE001  src keeps sending; every rank raises it after the fill
                     sends.fail(k, e, packers[0].describe(a, b))
         sent = sends.send(k, out, scatter_list=pieces)
         if is_src:
@@ -322,11 +323,10 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
         if show:
             show(b * world, t0)
     later.finish()
-    sends.finish()
+    sends.drain()
     if cuda:
         torch.cuda.current_stream(device).synchronize()
-    if later.failed is not None:
-        raise later.failed
+    return sends.error or later.problem()
 
 
 def zero_padding(views: list[torch.Tensor], entries: list[Entry], geos: list[Geometry], me: int) -> None:

@@ -353,3 +353,57 @@ def test_meanwhile_pieces_run_in_order_and_a_failure_is_kept():
     ran.clear()
     later = Meanwhile(lambda: ran.append("one piece"))  # a plain function: one piece
     assert not later.step() and ran == ["one piece"] and not later.step()
+
+
+# ------------------------------------------------------------ a rank's own failure while bytes arrive
+
+
+def _meanwhile_failure_worker(rank, world, failing, path):
+    """`failing` breaks the work it does while bytes arrive (the objects to install); the model has a
+    non-persistent buffer every rank recomputes, so a rank that raised alone would leave the others
+    waiting in a collective."""
+    import fsdp_fastload.api as api
+    from fsdp_fastload import MaterializeError, materialize
+
+    def build():
+        model = _build(real=False)
+        with torch.device("meta"):
+            model.register_buffer("scale", torch.empty(4), persistent=False)
+        return model
+
+    def fill_scale(module):
+        if "scale" in module._buffers:
+            module.scale.fill_(0.5)
+
+    real_prepare = api.prepare_install
+    if rank == failing:
+        def prepare(*args, **kwargs):
+            raise RuntimeError("injected: could not prepare")
+        api.prepare_install = prepare
+    model = build()
+    before = _snapshot(model)
+    try:
+        materialize(model, "cpu", state_dict=path if rank == 0 else None, buffer_init=fill_scale,
+                    bucket_size=BUCKET)
+        out = ["no error"]
+    except MaterializeError as e:
+        out = [str(e), _changes(model, before)]
+    api.prepare_install = real_prepare
+    model = build()  # the collectives stayed in step: a good load still works
+    materialize(model, "cpu", state_dict=path if rank == 0 else None, buffer_init=fill_scale,
+                bucket_size=BUCKET)
+    ref = _build(real=True)
+    out.append([n for n, t in _tensors(ref).items() if not torch.equal(t, _tensors(model)[n])])
+    out.append(torch.equal(model.scale, torch.full((4,), 0.5)))
+    return out
+
+
+@pytest.mark.parametrize("world,failing", [(2, 1), (3, 0), (3, 2)])
+def test_failure_while_bytes_arrive_raises_on_every_rank(ckpt, world, failing):
+    results = run_ranks(_meanwhile_failure_worker, world, failing, ckpt, timeout=120)
+    for rank, (msg, changes, after, scale_ok) in enumerate(results):
+        assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank {failing}: "
+                        r"preparing the tensors to install while the bytes arrived failed: RuntimeError: "
+                        r"injected: could not prepare Nothing was installed\.$", msg), msg
+        assert changes == [], f"rank {rank}: {changes}"
+        assert after == [] and scale_ok, f"rank {rank}: the load after the failure: {after}, scale {scale_ok}"
