@@ -195,9 +195,31 @@ class Plan:
     unexpected: list[str]
 
 
+# Path segments that wrappers insert between a module and its parameters: activation checkpointing's
+# CheckpointWrapper and torch.compile's OptimizedModule. A checkpoint names the tensors without them
+# (CheckpointWrapper's own state_dict() drops its segment; torch's DCP drops both).
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod")
+
+
+def unwrapped_name(name: str) -> str:
+    """`name` without the wrappers' path segments: the key a checkpoint holds for the tensor.
+
+    Example::
+
+        >>> unwrapped_name("layers.0._orig_mod._checkpoint_wrapped_module.mlp.weight")
+        'layers.0.mlp.weight'
+    """
+    if "_checkpoint_wrapped_module" not in name and "_orig_mod" not in name:
+        return name
+    return ".".join(p for p in name.split(".") if p not in _WRAPPER_SEGMENTS)
+
+
 def match(entries, source: dict, *, strict: bool, unsaved: frozenset = frozenset()) -> tuple[Plan | None, str | None]:
     """Map checkpoint keys onto manifest entries; (plan, None) or (None, error text). Moves no data.
 
+    A tensor's key is one of its names (module attribute paths), or, when none is in the checkpoint,
+    one of them without the segments wrappers insert (`unwrapped_name`: activation checkpointing,
+    torch.compile applied to layers before loading, as torchtitan-style code does).
     `unsaved`: names the model's own saving leaves out on purpose (transformers'
     `_keys_to_ignore_on_save`: Marian's sinusoidal positions), recomputed like non-persistent buffers
     when the checkpoint lacks them."""
@@ -214,8 +236,13 @@ def match(entries, source: dict, *, strict: bool, unsaved: frozenset = frozenset
             key = next((n for n in names if n in source), None)
             v = None if key is None else source[key]
             used.update(n for n in names if n in source)
+        if v is None:  # the names without wrapper segments?
+            plain = [c for c in map(unwrapped_name, names) if c in source]
+            if plain:
+                key, v = plain[0], source[plain[0]]
+                used.update(plain)
         if v is None:
-            if e.persistent and not (unsaved and any(n in unsaved for n in names)):
+            if e.persistent and not (unsaved and any(n in unsaved or unwrapped_name(n) in unsaved for n in names)):
                 missing.append(e.names[0])
             sources.append(None)
             wire.append(None)

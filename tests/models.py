@@ -680,3 +680,29 @@ PLAIN_CASES: dict[str, Callable[..., nn.Module]] = {
     "odd_params": _builder(OddParamsNet),
     "kitchen_sink": _builder(KitchenSink),
 }
+
+
+def wrap_layers(model: nn.Module, how: str) -> nn.Module:
+    """Wrap each decoder layer (``model.model.layers``) the way torchtitan-style code does before
+    loading: activation checkpointing (``"ac"``) and/or ``torch.compile`` (``"compile"``, which
+    compiles nothing until a forward). Parameter names then hold ``_checkpoint_wrapped_module`` /
+    ``_orig_mod`` segments that a checkpoint's keys lack."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        if "ac" in how:
+            layer = checkpoint_wrapper(layer)
+        if "compile" in how:
+            layer = torch.compile(layer)
+        layers[i] = layer
+    return model
+
+
+def unwrap_layers(model: nn.Module) -> nn.Module:
+    """Undo `wrap_layers` (the same layer objects, so an eager forward runs them as loaded)."""
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layer = getattr(layer, "_orig_mod", layer)
+        layers[i] = getattr(layer, "_checkpoint_wrapped_module", layer)
+    return model

@@ -463,3 +463,28 @@ def test_unsaved_parameters_recomputed_into_shards(tmp_path, world):
         assert not any("embed_positions" in k for k in f.keys())  # what makes this case
     for rank, bad in enumerate(run_ranks(_marian_worker, world, str(tmp_path), timeout=300)):
         assert bad == [], f"rank {rank}: {bad}"
+
+
+def _wrapped_fsdp2_worker(rank, world, cases, hows):
+    from fsdp_fastload import materialize
+
+    mesh = _mesh(world)
+    out = {}
+    for name, path in cases.items():
+        for how in hows:
+            model = shard_model(models.wrap_layers(models.build_meta(path), how), mesh)
+            materialize(model, "cpu", state_dict=path if rank == 0 else None, poison=True, verify=True)
+            ref = models.wrap_layers(models.load_reference(path), how)
+            eager = "compile" not in how  # (a compiled forward need not equal eager bit for bit)
+            out[f"{name} {how}"] = compare_sharded(
+                model, ref, rank, world, forward=(lambda m: models.logits(m, models.example_inputs(m))) if eager else None)
+    return out
+
+
+def test_wrapped_layers_into_fsdp2_shards(ckpts):
+    """Activation checkpointing and torch.compile on each layer, then fully_shard (torchtitan's
+    order), then a checkpoint whose keys lack the wrappers' segments."""
+    cases = {n: ckpts[n] for n in ("llama", "qwen2_tied")}
+    for rank, res in enumerate(run_ranks(_wrapped_fsdp2_worker, 2, cases, ("ac", "compile_ac"), timeout=300)):
+        for name, bad in res.items():
+            assert bad == [], f"rank {rank} {name}: {bad}"

@@ -412,3 +412,26 @@ def test_from_pretrained_dtypes_leaves_what_from_pretrained_does_not_load():
     assert wo.scale.dtype == torch.float16 and not any(n.endswith("wo.scale") for n in changed)
     assert half_tensors_kept_in_fp32(model, build_manifest(model)) == []
     assert from_pretrained_dtypes(model, torch.bfloat16) == []  # T5 keeps wo in fp32 for fp16 only
+
+
+def _wrapped_worker(rank, world, cases, hows):
+    from fsdp_fastload import materialize
+
+    out = {}
+    for name, path in cases.items():
+        for how in hows:
+            model = models.wrap_layers(models.build_meta(path), how)
+            materialize(model, "cpu", state_dict=path if rank == 0 else None, poison=True, verify=True)
+            ref = models.wrap_layers(models.load_reference(path), how)
+            bad = compare(model, ref)  # names with the wrappers' segments, as the module has them
+            models.unwrap_layers(model)
+            models.unwrap_layers(ref)
+            out[f"{name} {how}"] = bad + compare(model, ref, _hf_forward)  # eager forward
+    return out
+
+
+def test_wrapped_layers_load_from_a_plain_checkpoint(ckpts):
+    """torchtitan-style code wraps layers (activation checkpointing, torch.compile) before loading:
+    the checkpoint's keys lack the `_checkpoint_wrapped_module` / `_orig_mod` segments."""
+    cases = {n: ckpts[n] for n in ("llama", "qwen2_tied")}
+    _check(run_ranks(_wrapped_worker, 2, cases, ("ac", "compile", "compile_ac"), timeout=300))

@@ -143,26 +143,12 @@ def load_full_state_dict(accelerator, model: nn.Module, full_sd: dict, cpu_offlo
         sd = dict(full_sd)
         for name, t in buffers.items():
             sd.setdefault(name, t)
-        # activation checkpointing: CheckpointWrapper's state_dict() drops "_checkpoint_wrapped_module."
-        # from the keys; materialize matches the module's own attribute paths
-        for name in _module_paths(model):
-            short = name.replace(_AC_PREFIX, "")
-            if short != name and name not in sd and short in sd:
-                sd[name] = sd.pop(short)
+    # (activation checkpointing: the keys lack "_checkpoint_wrapped_module.", which materialize's
+    # matching leaves out where the module's own paths have it)
     materialize(model, device, src=0, state_dict=sd)
     if cpu_offload and device.type != "cpu":
         model.to("cpu")  # FSDP2's `_apply` re-registers (and pins) the shards on CPU
     return model
-
-
-_AC_PREFIX = "_checkpoint_wrapped_module."
-
-
-def _module_paths(model: nn.Module):
-    """Every parameter's and buffer's attribute path (CheckpointWrapper.named_parameters hides some)."""
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        for attr in list(mod._parameters) + list(mod._buffers):
-            yield f"{mod_name}.{attr}" if mod_name else attr
 
 
 def _is_fsdp(model: nn.Module) -> bool:
