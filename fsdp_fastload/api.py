@@ -192,10 +192,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                     src_plan, error = match(entries, renamed, strict=opts["strict"], unsaved=unsaved)
         except CheckpointError as e:
             error = str(e)
-        if error is not None and shd and "missing from the checkpoint" in error:
-            error += (" If the model shares a parameter between modules that two fully_shard calls wrap "
-                      "(tied embeddings, a block reused by several layers), FSDP2 made it two tensors and a "
-                      "checkpoint holds it once: wrap the modules that share parameters in one fully_shard group.")
+        if error is not None and getattr(error, "missing", None):
+            error += _missing_hints(module, error.missing, sharded=bool(shd))
         if src_plan is not None and src_plan.unexpected:
             warnings.warn(f"fsdp_fastload.materialize: {len(src_plan.unexpected)} checkpoint key(s) not "
                           f"in the model were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
@@ -379,6 +377,27 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
          phases={"agree": t_agree - t_start, "alloc": t_alloc - t_agree, "fill": t_fill - t_alloc,
                  "install": t_end - t_fill})
     return module
+
+
+def _missing_hints(module: nn.Module, missing: list[str], *, sharded: bool) -> str:
+    """Why a checkpoint may lack a tensor the model has, where the model shows it: a tie the model
+    lost (accelerate's init_empty_weights), or one FSDP2 split."""
+    hints = ""
+    if "transformers" in sys.modules:
+        from .integrations.transformers import broken_ties
+
+        lost = [(a, b) for a, b in broken_ties(module) if a in missing or b in missing]
+        if lost:
+            a, b = lost[0]
+            hints += (f" '{a}' is not tied to '{b}' although the model's config ties them"
+                      f"{f' (and {len(lost) - 1} more)' if len(lost) > 1 else ''}: a model built under "
+                      "accelerate's init_empty_weights() loses its ties. Call model.tie_weights() on every rank "
+                      "after building it.")
+    if sharded:
+        hints += (" If the model shares a parameter between modules that two fully_shard calls wrap "
+                  "(tied embeddings, a block reused by several layers), FSDP2 made it two tensors and a "
+                  "checkpoint holds it once: wrap the modules that share parameters in one fully_shard group.")
+    return hints
 
 
 def _settle(problem: str | None, *, distributed: bool, group, src: int, rank: int, comm_device) -> None:

@@ -195,6 +195,13 @@ class Plan:
     unexpected: list[str]
 
 
+class MatchError(str):
+    """`match`'s error text; `missing` holds the names of the persistent tensors the checkpoint
+    lacks (callers add hints about why)."""
+
+    missing: list[str] = []
+
+
 # Path segments that wrappers insert between a module and its parameters: activation checkpointing's
 # CheckpointWrapper and torch.compile's OptimizedModule. A checkpoint names the tensors without them
 # (CheckpointWrapper's own state_dict() drops its segment; torch's DCP drops both).
@@ -214,7 +221,8 @@ def unwrapped_name(name: str) -> str:
     return ".".join(p for p in name.split(".") if p not in _WRAPPER_SEGMENTS)
 
 
-def match(entries, source: dict, *, strict: bool, unsaved: frozenset = frozenset()) -> tuple[Plan | None, str | None]:
+def match(entries, source: dict, *, strict: bool,
+          unsaved: frozenset = frozenset()) -> tuple[Plan | None, MatchError | None]:
     """Map checkpoint keys onto manifest entries; (plan, None) or (None, error text). Moves no data.
 
     A tensor's key is one of its names (module attribute paths), or, when none is in the checkpoint,
@@ -279,7 +287,9 @@ def match(entries, source: dict, *, strict: bool, unsaved: frozenset = frozenset
         problems.append(f"{len(unexpected)} unexpected key(s) in the checkpoint (strict=True): "
                         f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
     if problems:
-        return None, "; ".join(problems[:5])
+        error = MatchError("; ".join(problems[:5]))
+        error.missing = missing
+        return None, error
     return Plan(sources=sources, wire=wire, unexpected=unexpected), None
 
 

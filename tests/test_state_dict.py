@@ -140,6 +140,21 @@ def _bad_keys_worker(rank, world, ckpts):
             out[name] = str(e)
             still_meta = all(t.is_meta for t in model.state_dict().values())
             out[name] += "" if still_meta else " | MODEL CHANGED"
+    # every rank built under accelerate's init_empty_weights() without tie_weights(): the tie is lost
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    with init_empty_weights():
+        untied = type(models.build_meta(ckpts["qwen2_tied"]))._from_config(AutoConfig.from_pretrained(ckpts["qwen2_tied"]))
+    try:
+        materialize(untied, "cpu", state_dict=ckpts["qwen2_tied"] if rank == 0 else None)
+        out["untied"] = "no error"
+    except MaterializeError as e:
+        out["untied"] = str(e)
+    cases["untied"] = (None, r"rank 0: 1 persistent tensor\(s\) missing from the checkpoint: \['lm_head.weight'\]\. "
+                             r"'lm_head.weight' is not tied to 'model.embed_tokens.weight' although the model's config "
+                             r"ties them: a model built under accelerate's init_empty_weights\(\) loses its ties\. Call "
+                             r"model.tie_weights\(\) on every rank after building it\.$")
     # unexpected keys without strict: a warning on src, and the load is exact
     model = models.build_meta(ckpts["llama"])
     import warnings
@@ -435,3 +450,33 @@ def test_wrapped_layers_load_from_a_plain_checkpoint(ckpts):
     the checkpoint's keys lack the `_checkpoint_wrapped_module` / `_orig_mod` segments."""
     cases = {n: ckpts[n] for n in ("llama", "qwen2_tied")}
     _check(run_ranks(_wrapped_worker, 2, cases, ("ac", "compile", "compile_ac"), timeout=300))
+
+
+def _empty_weights_worker(rank, world, cases):
+    """Skeletons built the way accelerate's docs build them: `init_empty_weights()` (parameters on
+    meta, buffers real on CPU), then `tie_weights()`; src holds the from_pretrained model or the
+    checkpoint directory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from fsdp_fastload import materialize
+
+    out = {}
+    for name, path in cases.items():
+        ref = models.load_reference(path)
+        for flow in ("model", "dir"):
+            if rank == 0 and flow == "model":
+                model = models.load_reference(path)
+            else:
+                with init_empty_weights():
+                    model = type(ref)._from_config(AutoConfig.from_pretrained(path))
+                model.tie_weights()
+                model.eval()
+            materialize(model, "cpu", state_dict=path if rank == 0 and flow == "dir" else None, verify=True)
+            out[f"{name} {flow}"] = compare(model, ref, _hf_forward)
+    return out
+
+
+def test_accelerate_init_empty_weights_skeletons(ckpts):
+    cases = {n: ckpts[n] for n in ("llama", "gpt2", "bert_mlm", "qwen2_tied")}
+    _check(run_ranks(_empty_weights_worker, 2, cases, timeout=300))

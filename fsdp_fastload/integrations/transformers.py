@@ -72,6 +72,25 @@ def from_pretrained_dtypes(model: nn.Module, dtype: torch.dtype) -> list[str]:
     return changed
 
 
+def broken_ties(model: nn.Module) -> list[tuple[str, str]]:
+    """The (name, name) pairs a transformers model's config ties (``all_tied_weights_keys``) that
+    are two tensors in `model`: a model built under accelerate's ``init_empty_weights()`` (which makes
+    a fresh meta parameter at every registration) until ``model.tie_weights()`` is called. [] for
+    anything else, or where a name does not resolve."""
+    ties = getattr(model, "all_tied_weights_keys", None) if "transformers" in sys.modules else None
+    if not isinstance(ties, dict):
+        return []
+    out = []
+    for target, source in ties.items():
+        try:
+            a, b = model.get_parameter(target), model.get_parameter(source)
+        except (AttributeError, TypeError):  # a pattern, a buffer, a wrapped path: not ours to judge
+            continue
+        if a is not b:
+            out.append((target, source))
+    return out
+
+
 def half_tensors_kept_in_fp32(model: nn.Module, entries) -> list[str]:
     """The names (all names of a tie) of `entries` (manifest entries: `names`, `dtype`,
     `persistent`) in half precision that ``from_pretrained`` with that dtype would keep in float32;
