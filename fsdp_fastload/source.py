@@ -158,8 +158,11 @@ def checkpoint_files(path: str) -> list[str]:
         return [single]
     found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not found:
+        pickled = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")))
+        hint = (f" It holds {pickled[:3]}: pass their contents as a mapping (state_dict=torch.load(file, "
+                "mmap=True, weights_only=True), merged over the files if sharded)" if pickled else "")
         raise CheckpointError(f"{path}: directory holds no .safetensors file (and no "
-                              "model.safetensors.index.json). Save with save_pretrained or pass a mapping.")
+                              f"model.safetensors.index.json).{hint} Save with save_pretrained or pass a mapping.")
     return [os.path.join(path, f) for f in found]
 
 

@@ -290,8 +290,14 @@ def test_parse_header_accepts_real_file(ckpts):
 
 
 def test_checkpoint_dirs(tmp_path, ckpts):
-    with pytest.raises(CheckpointError, match="holds no .safetensors file"):
+    with pytest.raises(CheckpointError, match=r"holds no .safetensors file \(and no model.safetensors.index.json\)\. Save"):
         checkpoint_files(str(tmp_path))
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    torch.save({"w": torch.zeros(2)}, bins / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"It holds \['pytorch_model.bin'\]: pass their contents as a mapping "
+                                              r"\(state_dict=torch.load\(file, mmap=True, weights_only=True\)"):
+        checkpoint_files(str(bins))
     idx = tmp_path / "model.safetensors.index.json"
     idx.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
     with pytest.raises(CheckpointError, match=r"names shard files that do not exist: \['model-00001"):
