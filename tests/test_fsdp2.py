@@ -294,6 +294,46 @@ def test_fsdp2_training_steps_match_single_process(ckpts):
         assert got == pytest.approx(want, rel=1e-5), f"rank {rank}: {got} vs {want}"
 
 
+def _policy_train_worker(rank, world, path, offload):
+    """FSDP2 with a bf16 MixedPrecisionPolicy (and CPU offload): training from our load gives exactly
+    the losses of the same sharded model loaded by torch's DCP (`broadcast_from_rank0`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from fsdp_fastload import materialize
+
+    mesh = _mesh(world)
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+    if offload:
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
+    losses = []
+    for loader in ("ours", "dcp"):
+        model = models.build_meta(path, dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, **kw)
+        fully_shard(model, mesh=mesh, **kw)
+        if loader == "ours":
+            materialize(model, "cpu", state_dict=path if rank == 0 else None)
+        else:
+            ref = models.load_reference(path, dtype=torch.float32)
+            model.to_empty(device="cpu")
+            set_model_state_dict(model, ref.state_dict() if rank == 0 else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            with torch.no_grad():  # DCP leaves non-persistent buffers as to_empty made them
+                for (_, b), (_, want) in zip(model.named_buffers(), ref.named_buffers()):
+                    b.copy_(want)
+        model.train()
+        losses.append(models.train_losses(model, models.example_inputs(model),
+                                          torch.optim.SGD(model.parameters(), lr=0.5)))
+    return losses
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_mixed_precision_and_offload_policies_train_like_dcp(ckpts, offload):
+    for rank, (ours, dcp) in enumerate(run_ranks(_policy_train_worker, 2, ckpts["llama"], offload)):
+        assert ours == dcp, f"rank {rank}: losses {ours} (ours) vs {dcp} (DCP)"
+
+
 def _src_model_worker(rank, world):
     from fsdp_fastload import MaterializeError, materialize
 
