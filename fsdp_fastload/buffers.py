@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .fill import byte_view
-from .manifest import Entry
+from .manifest import Entry, owner_table
 
 POISON = 0xFF
 
@@ -147,20 +147,19 @@ def _swapped(entries: list[Entry], views: list[torch.Tensor], local: list[int], 
             if id(mod) in reach:
                 touched.append(i)
                 break
-    saved = [(mod, attr, entries[i].kind,
-              (mod._parameters if entries[i].kind == "param" else mod._buffers)[attr])
-             for i in touched for mod, attr in entries[i].owners]
+    saved = [(table, attr, table[attr]) for i in touched for mod, attr in entries[i].owners
+             for table in (owner_table(mod, attr, entries[i].kind),)]
     local_set = set(local)
     try:
         for i in touched:
             e = entries[i]
             t = views[i] if i in local_set else _placeholder(e)
             for mod, attr in e.owners:
-                (mod._parameters if e.kind == "param" else mod._buffers)[attr] = t
+                owner_table(mod, attr, e.kind)[attr] = t
         yield
     finally:
-        for mod, attr, kind, t in saved:
-            (mod._parameters if kind == "param" else mod._buffers)[attr] = t
+        for table, attr, t in saved:
+            table[attr] = t
 
 
 def _ancestors(root: nn.Module, entries: list[Entry], ids: list[int]) -> list[tuple[nn.Module, list[int]]]:

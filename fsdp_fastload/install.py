@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .manifest import Entry
+from .manifest import Entry, owner_table
 
 
 def prepare(entries: list[Entry], views: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -27,8 +27,9 @@ def prepare(entries: list[Entry], views: list[torch.Tensor]) -> list[torch.Tenso
 
 
 def commit(entries: list[Entry], new: list[torch.Tensor]) -> None:
-    """Swap the prepared objects into their modules; every owner of a tie gets the same object."""
+    """Swap the prepared objects into their modules; every owner of a tie gets the same object, in
+    the table it holds it in (a parameter another module registered as a buffer stays its buffer)."""
     for e, t in zip(entries, new):
-        table = "_parameters" if e.kind == "param" else "_buffers"
+        kind = e.kind
         for mod, attr in e.owners:
-            getattr(mod, table)[attr] = t
+            owner_table(mod, attr, kind)[attr] = t

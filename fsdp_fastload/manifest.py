@@ -51,6 +51,15 @@ class Entry:
                 self.cls, self.placement)
 
 
+def owner_table(mod: nn.Module, attr: str, kind: str) -> dict:
+    """The dict of `mod` that holds `attr` for an entry of `kind`: a parameter's owners hold it in
+    `_parameters`, except a module that registered that same tensor as a buffer."""
+    if kind == "param":
+        params = mod._parameters
+        return params if attr in params else mod._buffers
+    return mod._buffers
+
+
 def mesh_grid(mesh, cache: dict) -> tuple[tuple[int, ...], list[int]]:
     """(shape, ranks in row-major order) of a DeviceMesh; `mesh.mesh` is rebuilt on every access in
     recent torch (~150 us), so it is read once per mesh and call."""

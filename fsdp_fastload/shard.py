@@ -25,7 +25,7 @@ from torch import nn
 from . import ops
 from .fill import Meanwhile, _progress
 from .layout import Layout
-from .manifest import Entry
+from .manifest import Entry, owner_table
 from .source import FileTensor
 
 
@@ -435,7 +435,7 @@ def install_shards(entries: list[Entry], slots: list[torch.Tensor], prepared: li
     fast = None  # unknown until a first (unpinned) FSDPParam is reset by FSDP2 itself
     for e, slot, (new, fp) in zip(entries, slots, prepared):
         for mod, attr in e.owners:
-            (mod._parameters if e.kind == "param" else mod._buffers)[attr] = new
+            owner_table(mod, attr, e.kind)[attr] = new
         if fp is None:
             continue
         fp._sharded_param_data = slot  # the padded shard (1-D): same storage, so no re-pad copy

@@ -507,3 +507,58 @@ def test_gaps_between_src_tensors_are_not_sent():
     assert api.last_stats["bytes"] == nbytes
     assert api.last_stats["sent_bytes"] <= nbytes + nbytes // 64 + (1 << 16), api.last_stats
     assert all(torch.equal(p, torch.full((160,), float(i))) for i, p in enumerate(model))
+
+
+class _AliasNet(nn.Module):
+    """A parameter another module also registers as a buffer (persistent, and non-persistent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.side = nn.Module()
+        self.side.register_buffer("alias", self.lin.weight)
+        self.register_buffer("np_alias", self.lin.bias, persistent=False)
+
+    def forward(self, x):
+        return self.lin(x) + self.side.alias.sum() + self.np_alias.sum()
+
+
+def _tables(model):
+    return {name: (sorted(m._parameters), sorted(m._buffers)) for name, m in model.named_modules()}
+
+
+def _alias_worker(rank, world):
+    from fsdp_fastload import materialize
+
+    torch.manual_seed(0)
+    ref = _AliasNet()
+    out = {}
+    for flow in ("model", "state_dict"):
+        if rank == 0 and flow == "model":
+            model = _AliasNet()
+            model.load_state_dict(ref.state_dict())
+        else:
+            with torch.device("meta"):
+                model = _AliasNet()
+        sd = {k: v.detach().clone() for k, v in ref.state_dict().items()} if rank == 0 and flow == "state_dict" else None
+        materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
+        bad = []
+        if _tables(model) != _tables(ref):
+            bad.append(f"tables {_tables(model)} != {_tables(ref)}")
+        if model.side.alias is not model.lin.weight or model.np_alias is not model.lin.bias:
+            bad.append("the aliases are not the parameters")
+        if type(model.side._buffers["alias"]) is not nn.Parameter:
+            bad.append("the buffer slot lost its Parameter")
+        x = torch.ones(2, 4)
+        if not torch.equal(model(x), ref(x)) or any(t.is_meta for t in model.state_dict().values()):
+            bad.append("values differ")
+        out[flow] = bad
+    return out
+
+
+def test_parameter_also_registered_as_a_buffer_keeps_its_tables():
+    """Every owner of a tensor gets the new object in the table it holds it in: a module that
+    registered another module's parameter as a buffer keeps it as its buffer."""
+    for rank, res in enumerate(run_ranks(_alias_worker, 2)):
+        for flow, bad in res.items():
+            assert bad == [], f"rank {rank} {flow}: {bad}"

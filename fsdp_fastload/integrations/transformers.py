@@ -46,7 +46,7 @@ def from_pretrained_dtypes(model: nn.Module, dtype: torch.dtype) -> list[str]:
         >>> model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype
         torch.float32
     """
-    from ..manifest import build_manifest
+    from ..manifest import build_manifest, owner_table
 
     pattern = _fp32_pattern(model, dtype)
     if pattern is None:
@@ -67,7 +67,7 @@ def from_pretrained_dtypes(model: nn.Module, dtype: torch.dtype) -> list[str]:
         else:
             new = data
         for mod, attr in e.owners:
-            (mod._parameters if e.kind == "param" else mod._buffers)[attr] = new
+            owner_table(mod, attr, e.kind)[attr] = new
         changed.extend(e.names)
     return changed
 
