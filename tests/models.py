@@ -706,3 +706,13 @@ def unwrap_layers(model: nn.Module) -> nn.Module:
         layer = getattr(layer, "_orig_mod", layer)
         layers[i] = getattr(layer, "_checkpoint_wrapped_module", layer)
     return model
+
+
+def replica(build, ref: nn.Module | None, real: bool) -> nn.Module:
+    """`build()` holding `ref`'s values (rank src in the src-model flow), or on ``meta``."""
+    if not real:
+        with torch.device("meta"):
+            return build()
+    model = build()
+    model.load_state_dict(ref.state_dict())
+    return model

@@ -534,12 +534,7 @@ def _alias_worker(rank, world):
     ref = _AliasNet()
     out = {}
     for flow in ("model", "state_dict"):
-        if rank == 0 and flow == "model":
-            model = _AliasNet()
-            model.load_state_dict(ref.state_dict())
-        else:
-            with torch.device("meta"):
-                model = _AliasNet()
+        model = models.replica(_AliasNet, ref, real=rank == 0 and flow == "model")
         sd = {k: v.detach().clone() for k, v in ref.state_dict().items()} if rank == 0 and flow == "state_dict" else None
         materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
         bad = []

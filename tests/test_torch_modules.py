@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import models
 from dist_harness import run_ranks
 
 
@@ -77,13 +78,7 @@ def _worker(rank, world, flow, ckpt_dir):
     out = {}
     for name, (build, inputs) in _cases().items():
         ref = _reference(build, inputs)
-        if rank == 0 and flow == "model":
-            model = build()
-            model.load_state_dict(ref.state_dict())
-        else:
-            with torch.device("meta"):
-                model = build()
-        model.eval()
+        model = models.replica(build, ref, real=rank == 0 and flow == "model").eval()
         if flow == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
