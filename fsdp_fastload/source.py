@@ -71,8 +71,11 @@ def parse_header(path: str) -> dict[str, FileTensor]:
                                       "8-byte header length). The file is truncated or empty.")
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, _MAX_HEADER):
+                pickled = head.startswith((b"PK\x03\x04", b"\x80"))  # torch.save's zip, or a bare pickle
+                hint = (" It looks like a torch.save / pickle file: pass its contents as a mapping "
+                        "(state_dict=torch.load(path, mmap=True, weights_only=True))." if pickled else "")
                 raise CheckpointError(f"{path}: header length {n} runs past the end of the file "
-                                      f"({size} bytes). The file is truncated or not safetensors.")
+                                      f"({size} bytes). The file is truncated or not safetensors.{hint}")
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from e

@@ -266,6 +266,8 @@ BAD_FILES = [
      r"tensors 'a' \[0, 8\) and 'b' \[4, 12\) overlap"),
     ("shape", lambda p: _write(p, {"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}),
      "is not a list of non-negative integers"),
+    ("torch_save", lambda p: torch.save({"w": torch.zeros(4)}, p) or str(p),
+     r"not safetensors\. It looks like a torch\.save / pickle file: pass its contents as a mapping"),
 ]
 
 
