@@ -217,19 +217,25 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
             shd_layout = plan(slots, direct_min=direct_min,
                               bucket_size=max(bucket // len(ranks), 1 << 20), wire=[wire_all[i] for i in shd])
     fp = fingerprint(entries, (src,)) if distributed else 0
-    # CPU targets: the flat buffer is allocated now and its pages faulted in on a background thread
-    # while this rank waits for src's plan, then ahead of the transfer (receivers size it from their
-    # own manifest; a layout that turns out larger gets a buffer of its own).
+    # CPU targets: the flat buffer is allocated now (a rank that cannot have it says so in the
+    # agreement) and its pages faulted in on a background thread while this rank waits for src's
+    # plan, then ahead of the transfer (receivers size it from their own manifest; a layout that
+    # turns out larger gets a buffer of its own).
     # src keeps its own tensors when they already live on `device`: it sends from them (no copy).
     kept = is_src and error is None and src_plan is None and not shd and _all_kept_in_place(entries, device, facts)
     early = prefaulting = None
-    if (error is None and device.type == "cpu" and opts["prefault"] and not opts["poison"]
-            and not kept and (layout is not None or not is_src)):
+    if error is None and device.type == "cpu" and not kept and (layout is not None or not is_src):
         nbytes = (sum(lay.main_total for lay in (layout, shd_layout) if lay is not None) if is_src
                   else _main_estimate(entries, rep, shd, geos))
-        early = ops.alloc(nbytes, device)
-        if nbytes >= PREFAULT_MIN:
-            prefaulting = ops.Prefault(early)
+        try:
+            early = ops.alloc(nbytes, device)
+        except RuntimeError as e:  # out of memory: every rank hears of it before any data moves
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            error = (f"could not allocate the {nbytes / 2**20:.0f} MiB buffer for the tensors on {device} "
+                     f"({cause}). Free host memory on this rank, or start fewer ranks per host.")
+        else:
+            if opts["prefault"] and not opts["poison"] and nbytes >= PREFAULT_MIN:
+                prefaulting = ops.Prefault(early)
     if distributed:
         encoded = _encode(layout, shd_layout, entries)
         n = agree(group=group, src=src, rank=rank, comm_device=comm_device,

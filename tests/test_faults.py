@@ -407,3 +407,51 @@ def test_failure_while_bytes_arrive_raises_on_every_rank(ckpt, world, failing):
                         r"injected: could not prepare Nothing was installed\.$", msg), msg
         assert changes == [], f"rank {rank}: {changes}"
         assert after == [] and scale_ok, f"rank {rank}: the load after the failure: {after}, scale {scale_ok}"
+
+
+# ------------------------------------------------------------ a rank that cannot allocate its buffer
+
+
+def _no_memory_worker(rank, world):
+    """Rank 1's address space is capped below the flat buffer (a real allocation failure: torch's
+    CPU allocator refuses it), then restored for a good load."""
+    import resource
+
+    from fsdp_fastload import MaterializeError, materialize
+
+    def build(real):
+        torch.manual_seed(0)
+        with torch.device("cpu" if real else "meta"):
+            return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(64)])  # 256 MB of float32
+
+    model = build(real=rank == 0)
+    before = _snapshot(model)
+    limits = resource.getrlimit(resource.RLIMIT_AS)
+    if rank == 1:  # what this process maps now, plus 128 MB (threads' stacks fit; 256 MB does not)
+        import ctypes
+
+        # one malloc arena: a new thread would otherwise reserve 64 MB of the capped address space
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
+        mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + (128 << 20), limits[1]))
+    try:
+        materialize(model, "cpu")
+        out = ["no error"]
+    except MaterializeError as e:
+        out = [str(e), _changes(model, before)]
+    resource.setrlimit(resource.RLIMIT_AS, limits)
+    model = build(real=rank == 0)
+    materialize(model, "cpu")  # the group is still in step
+    want = _tensors(build(real=True))
+    out.append([n for n, t in _tensors(model).items() if not torch.equal(t, want[n])])
+    return out
+
+
+def test_a_rank_out_of_memory_raises_on_every_rank():
+    results = run_ranks(_no_memory_worker, 2, timeout=120)
+    for rank, (msg, changes, after) in enumerate(results):
+        assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank 1: could not "
+                        r"allocate the \d+ MiB buffer for the tensors on cpu \(.*can't allocate memory.*\)\. Free "
+                        r"host memory on this rank, or start fewer ranks per host\.$", msg), msg
+        assert changes == [], f"rank {rank}: {changes}"
+        assert after == [], f"rank {rank}: the load after the failure differs: {after}"
