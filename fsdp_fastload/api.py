@@ -274,8 +274,9 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         parts.append((shd_layout, slots))
     main_sizes = [lay.main_total for lay, _ in parts]
     wire_sizes = [lay.wire_total - lay.direct for lay, _ in parts]
-    main = (early[:sum(main_sizes)] if early is not None and early.numel() >= sum(main_sizes)
-            else ops.alloc(sum(main_sizes), device))
+    if early is not None and early.numel() < sum(main_sizes):
+        early = None  # too small after all: let it go before the buffer that replaces it is made
+    main = early[:sum(main_sizes)] if early is not None else ops.alloc(sum(main_sizes), device)
     wirebuf = ops.alloc(sum(wire_sizes), device)
     if opts["poison"]:
         ops.poison_(main)
