@@ -2,6 +2,11 @@
 each found loading bit-exact in every flow by a 392-architecture sweep on 2026-11-26 (transformers
 5.24). name: (config class, config kwargs, model class, inputs kind)."""
 
+# the tiny BART-family encoder-decoder config six architectures share
+_BART = dict(bos_token_id=1, d_model=32, decoder_attention_heads=4, decoder_ffn_dim=37, decoder_layers=2,
+             decoder_start_token_id=1, encoder_attention_heads=4, encoder_ffn_dim=37, encoder_layers=2,
+             eos_token_id=2, max_position_embeddings=64, pad_token_id=0, vocab_size=99)
+
 MORE = {
     'beit': ('BeitConfig', dict(hidden_size=32, image_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
         num_labels=3, patch_size=8, use_relative_position_bias=True), 'BeitForImageClassification', 'pixels'),
@@ -22,12 +27,8 @@ MORE = {
     'bit': ('BitConfig', dict(depths=[1, 1], embedding_size=8, hidden_sizes=[8, 16], num_groups=2, num_labels=3), 'BitForImageClassification', 'pixels'),
     'bitnet': ('BitNetConfig', dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, num_key_value_heads=2,
         vocab_size=99), 'BitNetForCausalLM', 'ids'),
-    'blenderbot': ('BlenderbotConfig', dict(bos_token_id=1, d_model=32, decoder_attention_heads=4, decoder_ffn_dim=37, decoder_layers=2,
-        decoder_start_token_id=1, encoder_attention_heads=4, encoder_ffn_dim=37, encoder_layers=2,
-        eos_token_id=2, max_position_embeddings=64, pad_token_id=0, vocab_size=99), 'BlenderbotForConditionalGeneration', 'seq2seq'),
-    'blenderbot_small': ('BlenderbotSmallConfig', dict(bos_token_id=1, d_model=32, decoder_attention_heads=4, decoder_ffn_dim=37, decoder_layers=2,
-        decoder_start_token_id=1, encoder_attention_heads=4, encoder_ffn_dim=37, encoder_layers=2,
-        eos_token_id=2, max_position_embeddings=64, pad_token_id=0, vocab_size=99), 'BlenderbotSmallForConditionalGeneration', 'seq2seq'),
+    'blenderbot': ('BlenderbotConfig', dict(_BART), 'BlenderbotForConditionalGeneration', 'seq2seq'),
+    'blenderbot_small': ('BlenderbotSmallConfig', dict(_BART), 'BlenderbotSmallForConditionalGeneration', 'seq2seq'),
     'blip': ('BlipConfig', dict(projection_dim=16, text_config={'hidden_size': 32, 'intermediate_size': 37, 'max_position_embeddings':
         64, 'num_attention_heads': 4, 'num_hidden_layers': 2, 'vocab_size': 99}, vision_config={'hidden_size':
         32, 'image_size': 32, 'intermediate_size': 37, 'num_attention_heads': 4, 'num_hidden_layers': 2,
@@ -144,12 +145,8 @@ MORE = {
         global_block_size=2, local_radius=2, num_heads=4, num_layers=2, vocab_size=99), 'LongT5ForConditionalGeneration', 'seq2seq'),
     'luke': ('LukeConfig', dict(entity_emb_size=16, entity_vocab_size=20, hidden_size=32, intermediate_size=37,
         max_position_embeddings=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=99), 'LukeForMaskedLM', 'ids'),
-    'm2m_100': ('M2M100Config', dict(bos_token_id=1, d_model=32, decoder_attention_heads=4, decoder_ffn_dim=37, decoder_layers=2,
-        decoder_start_token_id=1, encoder_attention_heads=4, encoder_ffn_dim=37, encoder_layers=2,
-        eos_token_id=2, max_position_embeddings=64, pad_token_id=0, vocab_size=99), 'M2M100ForConditionalGeneration', 'seq2seq'),
-    'mbart': ('MBartConfig', dict(bos_token_id=1, d_model=32, decoder_attention_heads=4, decoder_ffn_dim=37, decoder_layers=2,
-        decoder_start_token_id=1, encoder_attention_heads=4, encoder_ffn_dim=37, encoder_layers=2,
-        eos_token_id=2, max_position_embeddings=64, pad_token_id=0, vocab_size=99), 'MBartForConditionalGeneration', 'seq2seq'),
+    'm2m_100': ('M2M100Config', dict(_BART), 'M2M100ForConditionalGeneration', 'seq2seq'),
+    'mbart': ('MBartConfig', dict(_BART), 'MBartForConditionalGeneration', 'seq2seq'),
     'megatron_bert': ('MegatronBertConfig', dict(hidden_size=32, intermediate_size=37, max_position_embeddings=64, num_attention_heads=4,
         num_hidden_layers=2, vocab_size=99), 'MegatronBertForMaskedLM', 'ids'),
     'mistral': ('MistralConfig', dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, num_key_value_heads=2,
@@ -183,17 +180,13 @@ MORE = {
         'num_key_value_heads': 2, 'vocab_size': 99}, vision_config={'hidden_size': 32, 'image_size': 32,
         'intermediate_size': 37, 'num_attention_heads': 4, 'num_hidden_layers': 2, 'patch_size': 8,
         'projection_dim': 32}), 'PaliGemmaForConditionalGeneration', 'ids'),
-    'pegasus': ('PegasusConfig', dict(bos_token_id=1, d_model=32, decoder_attention_heads=4, decoder_ffn_dim=37, decoder_layers=2,
-        decoder_start_token_id=1, encoder_attention_heads=4, encoder_ffn_dim=37, encoder_layers=2,
-        eos_token_id=2, max_position_embeddings=64, pad_token_id=0, vocab_size=99), 'PegasusForConditionalGeneration', 'seq2seq'),
+    'pegasus': ('PegasusConfig', dict(_BART), 'PegasusForConditionalGeneration', 'seq2seq'),
     'perceiver': ('PerceiverConfig', dict(d_latents=32, d_model=32, max_position_embeddings=64, num_blocks=1, num_cross_attention_heads=4,
         num_latents=8, num_self_attends_per_block=2, num_self_attention_heads=4, qk_channels=32, v_channels=32,
         vocab_size=99), 'PerceiverForMaskedLM', 'ids'),
     'persimmon': ('PersimmonConfig', dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=99), 'PersimmonForCausalLM', 'ids'),
     'phi': ('PhiConfig', dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=99), 'PhiForCausalLM', 'ids'),
-    'plbart': ('PLBartConfig', dict(bos_token_id=1, d_model=32, decoder_attention_heads=4, decoder_ffn_dim=37, decoder_layers=2,
-        decoder_start_token_id=1, encoder_attention_heads=4, encoder_ffn_dim=37, encoder_layers=2,
-        eos_token_id=2, max_position_embeddings=64, pad_token_id=0, vocab_size=99), 'PLBartForConditionalGeneration', 'seq2seq'),
+    'plbart': ('PLBartConfig', dict(_BART), 'PLBartForConditionalGeneration', 'seq2seq'),
     'poolformer': ('PoolFormerConfig', dict(depths=[1, 1], hidden_sizes=[8, 16], num_encoder_blocks=2, num_labels=3, padding=[2, 1], patch_sizes=[7,
         3], strides=[4, 2]), 'PoolFormerForImageClassification', 'pixels'),
     'prophetnet': ('ProphetNetConfig', dict(decoder_ffn_dim=37, decoder_start_token_id=0, encoder_ffn_dim=37, hidden_size=32,
