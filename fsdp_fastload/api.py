@@ -16,7 +16,7 @@ from torch import nn
 from . import ops, shard
 from .agree import MaterializeError, agree
 from .buffers import POISON, recompute
-from .comm import Broadcasts, pack_all
+from .comm import Broadcasts, _sentence, pack_all
 from .fill import Meanwhile, Packer, broadcast_fill
 from .install import commit as commit_install
 from .install import prepare as prepare_install
@@ -230,9 +230,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         try:
             early = ops.alloc(nbytes, device)
         except RuntimeError as e:  # out of memory: every rank hears of it before any data moves
-            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            error = (f"could not allocate the {nbytes / 2**20:.0f} MiB buffer for the tensors on {device} "
-                     f"({cause}). Free host memory on this rank, or start fewer ranks per host.")
+            error = _no_memory(nbytes, device, e, "tensors")
         else:
             if opts["prefault"] and not opts["poison"] and nbytes >= PREFAULT_MIN:
                 prefaulting = ops.Prefault(early)
@@ -258,9 +256,13 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     if kept:
         t_alloc = time.perf_counter()
         if distributed:
-            packer = Packer(sources, layout, read_threads=opts["read_threads"],
-                            names=[e.names[0] for e in entries], facts=facts)
-            _settle(broadcast_fill(None, layout, is_src=True, packer=packer, **fill), **settle)
+            try:
+                packer = Packer(sources, layout, read_threads=opts["read_threads"],
+                                names=[e.names[0] for e in entries], facts=facts)
+            except Exception as e:  # noqa: BLE001  sent unpacked (from scratch); every rank raises it after
+                packer = _Unpacked(f"preparing to send the tensors failed: {_sentence(e)} Nothing was installed.")
+            problem = broadcast_fill(None, layout, is_src=True, packer=packer, **fill)
+            _settle(getattr(packer, "problem", None) or problem, **settle)
         t_fill = time.perf_counter()
         if verify and distributed:
             _verify(entries, [e.tensor for e in entries], group=group, src=src, rank=rank,
@@ -276,18 +278,29 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     wire_sizes = [lay.wire_total - lay.direct for lay, _ in parts]
     if early is not None and early.numel() < sum(main_sizes):
         early = None  # too small after all: let it go before the buffer that replaces it is made
-    main = early[:sum(main_sizes)] if early is not None else ops.alloc(sum(main_sizes), device)
-    wirebuf = ops.alloc(sum(wire_sizes), device)
-    if opts["poison"]:
-        ops.poison_(main)
-        ops.poison_(wirebuf)
+    # From here on a rank that fails (no memory for a buffer, src unable to prepare its reads) still
+    # takes part in every transfer, into a scratch buffer, and says why in the agreement after the
+    # fill (`Degraded`): its peers never wait in a collective for a rank that gave up.
+    degraded = Degraded(parts, distributed, device)
+    main = wirebuf = None
+    try:
+        main = early[:sum(main_sizes)] if early is not None else ops.alloc(sum(main_sizes), device)
+        wirebuf = ops.alloc(sum(wire_sizes), device)
+    except RuntimeError as e:  # out of memory
+        nbytes = sum(main_sizes) if main is None else sum(wire_sizes)
+        degraded.fail(_no_memory(nbytes, device, e, "tensors" if main is None else
+                                 "tensors sent in a smaller dtype (converted after the transfer)"), main)
     bufs, targets = [], []
-    main_off = wire_off = 0
-    for (lay, _), msize, wsize in zip(parts, main_sizes, wire_sizes):
-        m, w = main[main_off:main_off + msize], wirebuf[wire_off:wire_off + wsize]
-        main_off, wire_off = main_off + msize, wire_off + wsize
-        bufs.append((m, w))
-        targets.append(_target(m, w, lay.direct))
+    if degraded.problem is None:
+        if opts["poison"]:
+            ops.poison_(main)
+            ops.poison_(wirebuf)
+        main_off = wire_off = 0
+        for (lay, _), msize, wsize in zip(parts, main_sizes, wire_sizes):
+            m, w = main[main_off:main_off + msize], wirebuf[wire_off:wire_off + wsize]
+            main_off, wire_off = main_off + msize, wire_off + wsize
+            bufs.append((m, w))
+            targets.append(_target(m, w, lay.direct))
     part_views, conversions, prepared, shd_local = [], [], [], []
     me = ranks.index(rank)
 
@@ -329,29 +342,42 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     t_alloc = time.perf_counter()
 
     # 4. fill: bucket by bucket, src packing/reading the next while the current one is in flight.
-    packer = (Packer(rep_sources, layout, read_threads=opts["read_threads"], facts=facts,
-                     names=[e.names[0] for e in rep_entries]) if is_src and layout.buckets else None)
-    problems: list = []  # this rank's own: src's read/pack failure, a failure while bytes arrived
+    packer = packers = None
+    if is_src and degraded.problem is None:
+        try:
+            if layout.buckets:
+                packer = Packer(rep_sources, layout, read_threads=opts["read_threads"], facts=facts,
+                                names=[e.names[0] for e in rep_entries])
+            if shd:
+                packers = shard.rank_packers([sources[i] for i in shd], shd_entries, geos, shd_layout,
+                                             read_threads=opts["read_threads"])
+        except Exception as e:  # noqa: BLE001  (src's own failure: every rank raises it after the fill)
+            degraded.fail(f"preparing to read/send the tensors failed: {_sentence(e)} Nothing was "
+                          "installed.", main)
+    if degraded.problem is not None:
+        targets = degraded.targets()
+        if is_src:  # src sends every bucket as it is (unpacked)
+            packer = _Unpacked(degraded.problem)
+            packers = [packer] * len(ranks) if shd else None
+    problems: list = [degraded.problem]  # this rank's own: a failure here, src's read/pack failure,
+    # a failure while the bytes arrived
     if distributed and layout.buckets:
         # With shards the views are made during the scatters instead (the time waited here is short).
         problems.append(broadcast_fill(targets[0], layout, is_src=is_src, packer=packer,
-                                       meanwhile=None if shd else carve_pieces, **fill))
+                                       meanwhile=None if shd or degraded.problem else carve_pieces, **fill))
     else:  # one process, or nothing replicated to send (every rank has the same layout: no collective)
         if packer is not None:
             pack_all(targets[0], layout, packer)
-        if not shd:
+        if not shd and degraded.problem is None:
             later = Meanwhile(carve_pieces)
             later.finish()
             problems.append(later.problem())
     if shd:
-        if is_src:
-            packers = shard.rank_packers([sources[i] for i in shd], shd_entries, geos, shd_layout,
-                                         read_threads=opts["read_threads"])
         sends = Broadcasts(shd_layout, src=src, group=group, op="scatter", max_inflight=opts["max_inflight"],
                            timeout=timeout)
         problems.append(shard.scatter_fill(
-            targets[1], shd_layout, is_src=is_src, packers=packers if is_src else None, src=src, group=group,
-            device=device, sends=sends, progress=opts["progress"], meanwhile=carve_pieces))
+            targets[1], shd_layout, is_src=is_src, packers=packers, src=src, group=group, device=device,
+            sends=sends, progress=opts["progress"], meanwhile=None if degraded.problem else carve_pieces))
     if local or shd_missing:  # non-persistent buffers nobody sent, recomputed during the fill
         problems.append(recomputed[0] if recomputed else None)
     # 5. one agreement after every fill: all ranks raise together, or all go on to install.
@@ -405,6 +431,70 @@ def _missing_hints(module: nn.Module, missing: list[str], *, sharded: bool) -> s
                   "(tied embeddings, a block reused by several layers), FSDP2 made it two tensors and a "
                   "checkpoint holds it once: wrap the modules that share parameters in one fully_shard group.")
     return hints
+
+
+class Degraded:
+    """A rank that failed after the agreement (before any byte moved) but must stay in step: it
+    receives (src: sends, unpacked) every bucket into one scratch buffer, installs nothing, and its
+    `problem` goes into the agreement after the fill, where every rank raises it together.
+
+    Without a process group there is nobody to keep in step: `fail` raises at once."""
+
+    def __init__(self, parts: list, distributed: bool, device: torch.device):
+        self.parts, self.distributed, self.device = parts, distributed, device
+        self.problem = self.main = None
+
+    def fail(self, problem: str, main: torch.Tensor | None) -> None:
+        if not self.distributed:
+            raise MaterializeError(f"fsdp_fastload.materialize: {problem}")
+        self.problem, self.main = self.problem or problem, main
+
+    def targets(self) -> list:
+        """Each part's bucket [a, b) lands at the start of one scratch buffer: the part of `main`
+        already allocated if it is large enough, else a buffer of the largest bucket."""
+        biggest = max((b - a for lay, _ in self.parts for a, b in lay.buckets), default=0)
+        main = self.main
+        if main is None or main.numel() < biggest:
+            try:
+                main = ops.alloc(biggest, self.device)
+            except RuntimeError as e:  # not even one bucket: this rank cannot stay in step
+                raise MaterializeError(
+                    f"fsdp_fastload.materialize: {self.problem} Not even a {biggest / 2**20:.0f} MiB scratch "
+                    f"buffer could be allocated to stay in step with the other ranks ({e}); they will fail "
+                    "on their next transfer's timeout.") from e
+        scratch = main
+
+        def target(a: int, b: int) -> torch.Tensor:
+            return scratch[:b - a]
+        return [target] * len(self.parts)
+
+
+class _Unpacked:
+    """A packer src could not build (see `Degraded`): buckets go out as they are, nothing is sent
+    from src's tensors, and `problem` is what every rank raises after the fill."""
+
+    wrote_host = False
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+    def direct_view(self, a: int, b: int) -> None:
+        return None
+
+    def pack(self, a: int, b: int, dst: torch.Tensor, **_) -> None:
+        return None
+
+    def describe(self, a: int, b: int) -> str:
+        return ""
+
+
+def _no_memory(nbytes: int, device: torch.device, e: BaseException, what: str) -> str:
+    """The agreement's text for a buffer this rank could not allocate."""
+    cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    where = ("Free device memory on this rank (torch.cuda.empty_cache() returns the caching allocator's "
+             "unused blocks), or load into CPU first" if device.type == "cuda" else
+             "Free host memory on this rank, or start fewer ranks per host")
+    return f"could not allocate the {nbytes / 2**20:.0f} MiB buffer for the {what} on {device} ({cause}). {where}."
 
 
 def _settle(problem: str | None, *, distributed: bool, group, src: int, rank: int, comm_device) -> None:

@@ -304,7 +304,10 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
         copy_stream = torch.cuda.Stream(device=device)
         copy_stream.wait_stream(torch.cuda.current_stream(device))
         biggest = max((b - a for a, b in layout.buckets), default=0)
-        staging = [ops.alloc(biggest, "cpu", pin_memory=True) for _ in range(2)]
+        try:
+            staging = [ops.alloc(biggest, "cpu", pin_memory=True) for _ in range(2)]
+        except RuntimeError as e:  # src still sends every bucket (unpacked): every rank raises this after
+            sends.error = staging_problem(2 * biggest, e)
     show = _progress(layout.wire_total) if is_src and progress is not False else None
     t0 = time.perf_counter()
     later = Meanwhile(meanwhile, sends)
@@ -326,6 +329,13 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
     if cuda:
         torch.cuda.current_stream(device).synchronize()
     return sends.error or later.problem()
+
+
+def staging_problem(nbytes: int, e: BaseException) -> str:
+    """The agreement's text when src cannot allocate its staging buffers."""
+    cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return (f"src could not allocate {nbytes / 2**20:.0f} MiB of staging buffers ({cause}). Free memory on "
+            "src, or pass a smaller materialize(..., bucket_size=...). Nothing was installed on any rank.")
 
 
 class Meanwhile:

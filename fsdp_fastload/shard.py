@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from .fill import Meanwhile, _progress
+from .fill import Meanwhile, _progress, staging_problem
 from .layout import Layout
 from .manifest import Entry, owner_table
 from .source import FileTensor
@@ -299,12 +299,18 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
                 sends.wait(used[slot])
             if copied[slot] is not None:
                 copied[slot].synchronize()
-            if stages[slot] is None:
-                stages[slot] = ops.alloc(world * biggest, device)
-                if cuda:
-                    pinned[slot] = ops.alloc(world * biggest, "cpu", pin_memory=True)
-            host = pinned[slot] if cuda else stages[slot]
-            pieces = [stages[slot][i * biggest:i * biggest + b - a] for i in range(world)]
+            if stages[slot] is None and sends.error is None:
+                try:
+                    stages[slot] = ops.alloc(world * biggest, device)
+                    if cuda:
+                        pinned[slot] = ops.alloc(world * biggest, "cpu", pin_memory=True)
+                except RuntimeError as e:  # src still scatters (unpacked): every rank raises this after
+                    sends.error = staging_problem(world * biggest * (3 if cuda else 2), e)
+            if stages[slot] is None:  # (see above) every rank's piece is `out`, as it is
+                pieces, host = [out] * world, None
+            else:
+                host = pinned[slot] if cuda else stages[slot]
+                pieces = [stages[slot][i * biggest:i * biggest + b - a] for i in range(world)]
             if not cuda:
                 pieces[me] = out  # gloo copies src's own piece onto itself: the same bytes
             if sends.error is None:

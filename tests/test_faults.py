@@ -426,25 +426,133 @@ def _no_memory_worker(rank, world):
 
     model = build(real=rank == 0)
     before = _snapshot(model)
-    limits = resource.getrlimit(resource.RLIMIT_AS)
-    if rank == 1:  # what this process maps now, plus 128 MB (threads' stacks fit; 256 MB does not)
-        import ctypes
-
-        # one malloc arena: a new thread would otherwise reserve 64 MB of the capped address space
-        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
-        mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        resource.setrlimit(resource.RLIMIT_AS, (mapped + (128 << 20), limits[1]))
+    # rank 1 may map 128 MB more than it does now: threads' stacks fit, the 256 MB buffer does not
+    limits = _cap_address_space(128 << 20) if rank == 1 else None
     try:
         materialize(model, "cpu")
         out = ["no error"]
     except MaterializeError as e:
         out = [str(e), _changes(model, before)]
-    resource.setrlimit(resource.RLIMIT_AS, limits)
+    if limits is not None:
+        resource.setrlimit(resource.RLIMIT_AS, limits)
     model = build(real=rank == 0)
     materialize(model, "cpu")  # the group is still in step
     want = _tensors(build(real=True))
     out.append([n for n, t in _tensors(model).items() if not torch.equal(t, want[n])])
     return out
+
+
+def _cap_address_space(headroom: int) -> tuple:
+    """This process may map `headroom` bytes more than it maps now (a real allocation limit: torch's
+    CPU allocator refuses past it); returns the limits to restore."""
+    import ctypes
+    import resource
+
+    limits = resource.getrlimit(resource.RLIMIT_AS)
+    # one malloc arena: a new thread would otherwise reserve 64 MB of the capped address space
+    ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
+    mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + headroom, limits[1]))
+    return limits
+
+
+def _no_wire_memory_worker(rank, world, failing):
+    """A bf16 checkpoint into float32 modules: the bytes travel as bf16 into a wire buffer each rank
+    allocates after the agreement (its size comes with src's plan). Rank `failing` can map its 256 MB
+    flat buffer but not the 128 MB wire buffer: it must stay in step (receive or send every bucket into
+    scratch) so that every rank raises its error together after the transfer; then a good load."""
+    import resource
+
+    from fsdp_fastload import MaterializeError, materialize
+
+    def build(real):
+        torch.manual_seed(0)
+        with torch.device("cpu" if real else "meta"):
+            return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(64)])  # 256 MB of float32
+
+    ref = build(real=True)
+    sd = {k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()} if rank == 0 else None
+    want = {k: v.to(torch.bfloat16).float() for k, v in ref.state_dict().items()}
+    del ref
+    model = build(real=False)
+    limits = _cap_address_space((256 + 64) << 20) if rank == failing else None
+    try:
+        materialize(model, "cpu", state_dict=sd)
+        out = ["no error"]
+    except MaterializeError as e:
+        out = [str(e), [n for n, t in _tensors(model).items() if not t.is_meta]]
+    if limits is not None:
+        resource.setrlimit(resource.RLIMIT_AS, limits)
+    model = build(real=False)
+    materialize(model, "cpu", state_dict=sd)  # the group is still in step
+    out.append([n for n, t in _tensors(model).items() if not torch.equal(t, want[n])])
+    return out
+
+
+@pytest.mark.parametrize("world,failing", [(2, 1), (2, 0), (3, 2)])
+def test_a_rank_out_of_memory_after_the_agreement_raises_on_every_rank(world, failing):
+    results = run_ranks(_no_wire_memory_worker, world, failing, timeout=180)
+    for rank, (msg, not_meta, after) in enumerate(results):
+        assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank {failing}: "
+                        r"could not allocate the 128 MiB buffer for the tensors sent in a smaller dtype \(converted "
+                        r"after the transfer\) on cpu \(.*can't allocate memory.*\)\. Free host memory on this rank, "
+                        r"or start fewer ranks per host\.$", msg), msg
+        assert not_meta == [], f"rank {rank}: installed despite the error: {not_meta}"
+        assert after == [], f"rank {rank}: the load after the failure differs: {after}"
+
+
+def _no_memory_fsdp2_worker(rank, world, failing):
+    """FSDP2 shards (every rank meta, `fully_shard` on a CPU mesh, src passing a bf16 mapping into a
+    256 MB float32 model): rank `failing` can map its shards but not the bf16 wire buffer for them;
+    every rank raises after the scatters, then a good load."""
+    import resource
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from fsdp_fastload import MaterializeError, materialize
+
+    def build(real):
+        torch.manual_seed(0)
+        with torch.device("cpu" if real else "meta"):
+            model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(64)])  # 256 MB of float32
+        if not real:
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        return model
+
+    ref = build(real=True)
+    sd = {k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()} if rank == 0 else None
+    want = {k: v.to(torch.bfloat16).float() for k, v in ref.state_dict().items()}
+    del ref
+    model = build(real=False)
+    # this rank's shards (128 MB) fit, its 64 MB wire buffer does not
+    limits = _cap_address_space((128 + 40) << 20) if rank == failing else None
+    try:
+        materialize(model, "cpu", state_dict=sd)
+        out = ["no error"]
+    except MaterializeError as e:
+        out = [str(e), [n for n, p in model.named_parameters() if not p.is_meta]]
+    if limits is not None:
+        resource.setrlimit(resource.RLIMIT_AS, limits)
+    model = build(real=False)
+    materialize(model, "cpu", state_dict=sd)  # the group is still in step
+    out.append([n for n, p in model.named_parameters() if not torch.equal(p.full_tensor(), want[n])])
+    return out
+
+
+def test_out_of_memory_after_the_agreement_into_fsdp2_shards_raises_on_every_rank():
+    failing = 1
+    results = run_ranks(_no_memory_fsdp2_worker, 2, failing, timeout=240)
+    for rank, (msg, not_meta, after) in enumerate(results):
+        assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank {failing}: "
+                        r"could not allocate the 64 MiB buffer for the tensors sent in a smaller dtype \(converted "
+                        r"after the transfer\) on cpu \(.*can't allocate memory.*\)\. Free host memory on this rank, "
+                        r"or start fewer ranks per host\.$", msg), msg
+        assert not_meta == [], f"rank {rank}: installed despite the error: {not_meta}"
+        assert after == [], f"rank {rank}: the load after the failure differs: {after}"
 
 
 def test_a_rank_out_of_memory_raises_on_every_rank():
