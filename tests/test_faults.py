@@ -456,55 +456,13 @@ def _cap_address_space(headroom: int) -> tuple:
     return limits
 
 
-def _no_wire_memory_worker(rank, world, failing):
-    """A bf16 checkpoint into float32 modules: the bytes travel as bf16 into a wire buffer each rank
-    allocates after the agreement (its size comes with src's plan). Rank `failing` can map its 256 MB
-    flat buffer but not the 128 MB wire buffer: it must stay in step (receive or send every bucket into
-    scratch) so that every rank raises its error together after the transfer; then a good load."""
-    import resource
-
-    from fsdp_fastload import MaterializeError, materialize
-
-    def build(real):
-        torch.manual_seed(0)
-        with torch.device("cpu" if real else "meta"):
-            return nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(64)])  # 256 MB of float32
-
-    ref = build(real=True)
-    sd = {k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()} if rank == 0 else None
-    want = {k: v.to(torch.bfloat16).float() for k, v in ref.state_dict().items()}
-    del ref
-    model = build(real=False)
-    limits = _cap_address_space((256 + 64) << 20) if rank == failing else None
-    try:
-        materialize(model, "cpu", state_dict=sd)
-        out = ["no error"]
-    except MaterializeError as e:
-        out = [str(e), [n for n, t in _tensors(model).items() if not t.is_meta]]
-    if limits is not None:
-        resource.setrlimit(resource.RLIMIT_AS, limits)
-    model = build(real=False)
-    materialize(model, "cpu", state_dict=sd)  # the group is still in step
-    out.append([n for n, t in _tensors(model).items() if not torch.equal(t, want[n])])
-    return out
-
-
-@pytest.mark.parametrize("world,failing", [(2, 1), (2, 0), (3, 2)])
-def test_a_rank_out_of_memory_after_the_agreement_raises_on_every_rank(world, failing):
-    results = run_ranks(_no_wire_memory_worker, world, failing, timeout=180)
-    for rank, (msg, not_meta, after) in enumerate(results):
-        assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank {failing}: "
-                        r"could not allocate the 128 MiB buffer for the tensors sent in a smaller dtype \(converted "
-                        r"after the transfer\) on cpu \(.*can't allocate memory.*\)\. Free host memory on this rank, "
-                        r"or start fewer ranks per host\.$", msg), msg
-        assert not_meta == [], f"rank {rank}: installed despite the error: {not_meta}"
-        assert after == [], f"rank {rank}: the load after the failure differs: {after}"
-
-
-def _no_memory_fsdp2_worker(rank, world, failing):
-    """FSDP2 shards (every rank meta, `fully_shard` on a CPU mesh, src passing a bf16 mapping into a
-    256 MB float32 model): rank `failing` can map its shards but not the bf16 wire buffer for them;
-    every rank raises after the scatters, then a good load."""
+def _no_wire_memory_worker(rank, world, failing, sharded):
+    """A bf16 checkpoint (a mapping on src) into float32 modules: the bytes travel as bf16 into a wire
+    buffer each rank allocates after the agreement (its size comes with src's plan). Rank `failing`
+    can map its flat buffer (the 256 MB model, or with `sharded` its 128 MB of FSDP2 shards on a
+    2-rank CPU mesh) but not the wire buffer (half that): it must stay in step (receive or send every
+    bucket into scratch) so that every rank raises its error together after the transfer; then a good
+    load on the same group."""
     import resource
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -516,7 +474,7 @@ def _no_memory_fsdp2_worker(rank, world, failing):
         torch.manual_seed(0)
         with torch.device("cpu" if real else "meta"):
             model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(64)])  # 256 MB of float32
-        if not real:
+        if sharded and not real:
             mesh = init_device_mesh("cpu", (world,))
             for layer in model:
                 fully_shard(layer, mesh=mesh)
@@ -528,8 +486,8 @@ def _no_memory_fsdp2_worker(rank, world, failing):
     want = {k: v.to(torch.bfloat16).float() for k, v in ref.state_dict().items()}
     del ref
     model = build(real=False)
-    # this rank's shards (128 MB) fit, its 64 MB wire buffer does not
-    limits = _cap_address_space((128 + 40) << 20) if rank == failing else None
+    flat = 256 // (world if sharded else 1)  # MB
+    limits = _cap_address_space((flat + flat // 2 - 24) << 20) if rank == failing else None
     try:
         materialize(model, "cpu", state_dict=sd)
         out = ["no error"]
@@ -539,16 +497,18 @@ def _no_memory_fsdp2_worker(rank, world, failing):
         resource.setrlimit(resource.RLIMIT_AS, limits)
     model = build(real=False)
     materialize(model, "cpu", state_dict=sd)  # the group is still in step
-    out.append([n for n, p in model.named_parameters() if not torch.equal(p.full_tensor(), want[n])])
+    out.append([n for n, p in model.named_parameters()
+                if not torch.equal(p.full_tensor() if sharded else p, want[n])])
     return out
 
 
-def test_out_of_memory_after_the_agreement_into_fsdp2_shards_raises_on_every_rank():
-    failing = 1
-    results = run_ranks(_no_memory_fsdp2_worker, 2, failing, timeout=240)
+@pytest.mark.parametrize("world,failing,sharded", [(2, 1, False), (2, 0, False), (3, 2, False), (2, 1, True)])
+def test_a_rank_out_of_memory_after_the_agreement_raises_on_every_rank(world, failing, sharded):
+    results = run_ranks(_no_wire_memory_worker, world, failing, sharded, timeout=180)
+    wire = 128 // (world if sharded else 1)
     for rank, (msg, not_meta, after) in enumerate(results):
         assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank {failing}: "
-                        r"could not allocate the 64 MiB buffer for the tensors sent in a smaller dtype \(converted "
+                        rf"could not allocate the {wire} MiB buffer for the tensors sent in a smaller dtype \(converted "
                         r"after the transfer\) on cpu \(.*can't allocate memory.*\)\. Free host memory on this rank, "
                         r"or start fewer ranks per host\.$", msg), msg
         assert not_meta == [], f"rank {rank}: installed despite the error: {not_meta}"
