@@ -16,7 +16,7 @@ from torch import nn
 from . import ops, shard
 from .agree import MaterializeError, agree
 from .buffers import POISON, recompute
-from .comm import Broadcasts, _sentence, pack_all
+from .comm import Broadcasts, _sentence, first_line, pack_all
 from .fill import Meanwhile, Packer, broadcast_fill
 from .install import commit as commit_install
 from .install import prepare as prepare_install
@@ -490,11 +490,11 @@ class _Unpacked:
 
 def _no_memory(nbytes: int, device: torch.device, e: BaseException, what: str) -> str:
     """The agreement's text for a buffer this rank could not allocate."""
-    cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     where = ("Free device memory on this rank (torch.cuda.empty_cache() returns the caching allocator's "
              "unused blocks), or load into CPU first" if device.type == "cuda" else
              "Free host memory on this rank, or start fewer ranks per host")
-    return f"could not allocate the {nbytes / 2**20:.0f} MiB buffer for the {what} on {device} ({cause}). {where}."
+    return (f"could not allocate the {nbytes / 2**20:.0f} MiB buffer for the {what} on {device} "
+            f"({first_line(e)}). {where}.")
 
 
 def _settle(problem: str | None, *, distributed: bool, group, src: int, rank: int, comm_device) -> None:

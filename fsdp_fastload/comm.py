@@ -124,7 +124,7 @@ class Broadcasts:
         what = (f"fsdp_fastload.materialize (rank {self.rank}): the {self.op} of bucket {k + 1} of "
                 f"{len(self.layout.buckets)} (bytes [{a}, {b}) of {self.layout.wire_total}, from src "
                 f"rank {self.src})")
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cause = first_line(e)
         if "timed out" in cause.lower():
             problem = (f"timed out (waited {waited:.1f} s, timeout={self.timeout:g} s). A peer rank "
                        "stalled or died")
@@ -147,6 +147,12 @@ def pack_all(target, layout: Layout, packer) -> None:
                 f"fsdp_fastload.materialize: could not read/pack bucket {k + 1} of {len(layout.buckets)} "
                 f"(bytes [{a}, {b}){packer.describe(a, b)}): {_sentence(e)} Check that the checkpoint is complete and "
                 "unchanged; the module was left as it was.") from e
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line of text (torch's allocator and c10d errors run to many), or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _sentence(e) -> str:

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import ops
-from .comm import Broadcasts
+from .comm import Broadcasts, first_line
 from .layout import CROSS_GAP, Layout, memory_facts
 from .source import FileTensor
 
@@ -333,8 +333,7 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
 
 def staging_problem(nbytes: int, e: BaseException) -> str:
     """The agreement's text when src cannot allocate its staging buffers."""
-    cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return (f"src could not allocate {nbytes / 2**20:.0f} MiB of staging buffers ({cause}). Free memory on "
+    return (f"src could not allocate {nbytes / 2**20:.0f} MiB of staging buffers ({first_line(e)}). Free memory on "
             "src, or pass a smaller materialize(..., bucket_size=...). Nothing was installed on any rank.")
 
 

@@ -305,7 +305,7 @@ def scatter_fill(target: Callable[[int, int], torch.Tensor], layout: Layout, *, 
                     if cuda:
                         pinned[slot] = ops.alloc(world * biggest, "cpu", pin_memory=True)
                 except RuntimeError as e:  # src still scatters (unpacked): every rank raises this after
-                    sends.error = staging_problem(world * biggest * (3 if cuda else 2), e)
+                    sends.error = staging_problem(world * biggest * (4 if cuda else 2), e)  # 2 slots
             if stages[slot] is None:  # (see above) every rank's piece is `out`, as it is
                 pieces, host = [out] * world, None
             else:

@@ -508,9 +508,9 @@ def test_a_rank_out_of_memory_after_the_agreement_raises_on_every_rank(world, fa
     wire = 128 // (world if sharded else 1)
     for rank, (msg, not_meta, after) in enumerate(results):
         assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank {failing}: "
-                        rf"could not allocate the {wire} MiB buffer for the tensors sent in a smaller dtype \(converted "
-                        r"after the transfer\) on cpu \(.*can't allocate memory.*\)\. Free host memory on this rank, "
-                        r"or start fewer ranks per host\.$", msg), msg
+                        rf"could not allocate the {wire} MiB buffer for the tensors sent in a smaller dtype "
+                        r"\(converted after the transfer\) on cpu \(.*can't allocate memory.*\)\. Free host memory on "
+                        r"this rank, or start fewer ranks per host\.$", msg), msg
         assert not_meta == [], f"rank {rank}: installed despite the error: {not_meta}"
         assert after == [], f"rank {rank}: the load after the failure differs: {after}"
 
