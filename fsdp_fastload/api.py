@@ -260,7 +260,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                 packer = Packer(sources, layout, read_threads=opts["read_threads"],
                                 names=[e.names[0] for e in entries], facts=facts)
             except Exception as e:  # noqa: BLE001  sent unpacked (from scratch); every rank raises it after
-                packer = _Unpacked(f"preparing to send the tensors failed: {_sentence(e)} Nothing was installed.")
+                packer = _Unpacked(_preparing_failed(e))
             problem = broadcast_fill(None, layout, is_src=True, packer=packer, **fill)
             _settle(getattr(packer, "problem", None) or problem, **settle)
         t_fill = time.perf_counter()
@@ -352,8 +352,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                 packers = shard.rank_packers([sources[i] for i in shd], shd_entries, geos, shd_layout,
                                              read_threads=opts["read_threads"])
         except Exception as e:  # noqa: BLE001  (src's own failure: every rank raises it after the fill)
-            degraded.fail(f"preparing to read/send the tensors failed: {_sentence(e)} Nothing was "
-                          "installed.", main)
+            degraded.fail(_preparing_failed(e), main)
     if degraded.problem is not None:
         targets = degraded.targets()
         if is_src:  # src sends every bucket as it is (unpacked)
@@ -486,6 +485,11 @@ class _Unpacked:
 
     def describe(self, a: int, b: int) -> str:
         return ""
+
+
+def _preparing_failed(e: BaseException) -> str:
+    """The agreement's text when src cannot prepare its reads/copies (builds no packer)."""
+    return f"preparing to read/send the tensors failed: {_sentence(e)} Nothing was installed."
 
 
 def _no_memory(nbytes: int, device: torch.device, e: BaseException, what: str) -> str:

@@ -1,10 +1,14 @@
 """Failures once data moves, on real gloo ranks: a peer that dies or stalls mid-load, a checkpoint that
-breaks after its header was checked. Every surviving rank raises a MaterializeError (never hangs),
-src's module is exactly as it was (same tensor objects, same values), receivers are still all meta.
+breaks after its header was checked, a rank that fails after the agreement (out of memory, src unable
+to prepare its sends, its work while bytes arrive). Every surviving rank raises a MaterializeError
+(never hangs), src's module is exactly as it was (same tensor objects, same values), receivers are
+still all meta, and the group stays in step for a good load afterwards.
 
 Faults are injected in one worker only: a wrapper around `torch.distributed.broadcast` that, at the
-k-th bucket broadcast of the fill, exits the process (`os._exit(17)`) or sleeps; or a wrapper around
-`source.parse_header` that truncates the file right after its header was validated.
+k-th bucket broadcast of the fill, exits the process (`os._exit(17)`) or sleeps; a wrapper around
+`source.parse_header` that truncates the file right after its header was validated; a replaced step
+of materialize's own (building src's packers, preparing the objects to install); or a real memory
+limit (`RLIMIT_AS`) on one rank.
 """
 from __future__ import annotations
 
@@ -407,6 +411,64 @@ def test_failure_while_bytes_arrive_raises_on_every_rank(ckpt, world, failing):
                         r"injected: could not prepare Nothing was installed\.$", msg), msg
         assert changes == [], f"rank {rank}: {changes}"
         assert after == [] and scale_ok, f"rank {rank}: the load after the failure: {after}, scale {scale_ok}"
+
+
+def _src_prepare_failure_worker(rank, world, flow, path):
+    """src fails to prepare its reads/copies (injected where it builds them: the packer of the
+    replicated tensors, or with `flow="fsdp2"` the per-rank packers of the shards) after the
+    agreement: it must still send every bucket, so that every rank raises its error together after
+    the transfer (it raised alone before: the others waited out the bucket timeout)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import fsdp_fastload.api as api
+    from fsdp_fastload import MaterializeError, materialize, shard
+
+    def build(real):
+        model = _build(real=real)
+        if flow == "fsdp2" and not real:
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        return model
+
+    def load(model):
+        return materialize(model, "cpu", state_dict=path if rank == 0 and flow != "model" else None,
+                           bucket_size=BUCKET)
+
+    real = (api.Packer, shard.rank_packers)
+    if rank == 0:
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected: cannot prepare")
+        if flow == "fsdp2":
+            shard.rank_packers = broken
+        else:
+            api.Packer = broken
+    model = build(real=rank == 0 and flow == "model")
+    before = _snapshot(model)
+    try:
+        load(model)
+        out = ["no error"]
+    except MaterializeError as e:
+        out = [str(e), _changes(model, before)]
+    api.Packer, shard.rank_packers = real
+    model = load(build(real=rank == 0 and flow == "model"))  # the collectives stayed in step
+    want = _tensors(_build(real=True))
+    out.append([n for n, t in _tensors(model).items()
+                if not torch.equal(t.full_tensor() if hasattr(t, "full_tensor") else t, want[n])])
+    return out
+
+
+@pytest.mark.parametrize("world,flow", [(2, "file"), (3, "model"), (2, "fsdp2")])
+def test_src_that_cannot_prepare_its_sends_raises_on_every_rank(ckpt, world, flow):
+    results = run_ranks(_src_prepare_failure_worker, world, flow, ckpt, timeout=120)
+    for rank, (msg, changes, after) in enumerate(results):
+        assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank 0: "
+                        r"preparing to read/send the tensors failed: RuntimeError: injected: cannot prepare\. "
+                        r"Nothing was installed\.$", msg), msg
+        assert changes == [], f"rank {rank}: {changes}"
+        assert after == [], f"rank {rank}: the load after the failure differs: {after}"
 
 
 # ------------------------------------------------------------ a rank that cannot allocate its buffer
