@@ -413,6 +413,16 @@ def test_failure_while_bytes_arrive_raises_on_every_rank(ckpt, world, failing):
         assert after == [] and scale_ok, f"rank {rank}: the load after the failure: {after}, scale {scale_ok}"
 
 
+def _assert_raised_together(results, failing: int, cause: str) -> None:
+    """Every rank raised rank `failing`'s error (`cause`: a regex of its text), changed nothing in its
+    module (`changes`), and the good load after it matched the reference (`after`)."""
+    for rank, (msg, changes, after) in enumerate(results):
+        assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank {failing}: "
+                        + cause + "$", msg), msg
+        assert changes == [], f"rank {rank}: {changes}"
+        assert after == [], f"rank {rank}: the load after the failure differs: {after}"
+
+
 def _src_prepare_failure_worker(rank, world, flow, path):
     """src fails to prepare its reads/copies (injected where it builds them: the packer of the
     replicated tensors, or with `flow="fsdp2"` the per-rank packers of the shards) after the
@@ -463,12 +473,8 @@ def _src_prepare_failure_worker(rank, world, flow, path):
 @pytest.mark.parametrize("world,flow", [(2, "file"), (3, "model"), (2, "fsdp2")])
 def test_src_that_cannot_prepare_its_sends_raises_on_every_rank(ckpt, world, flow):
     results = run_ranks(_src_prepare_failure_worker, world, flow, ckpt, timeout=120)
-    for rank, (msg, changes, after) in enumerate(results):
-        assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank 0: "
-                        r"preparing to read/send the tensors failed: RuntimeError: injected: cannot prepare\. "
-                        r"Nothing was installed\.$", msg), msg
-        assert changes == [], f"rank {rank}: {changes}"
-        assert after == [], f"rank {rank}: the load after the failure differs: {after}"
+    _assert_raised_together(results, 0, r"preparing to read/send the tensors failed: RuntimeError: injected: "
+                            r"cannot prepare\. Nothing was installed\.")
 
 
 # ------------------------------------------------------------ a rank that cannot allocate its buffer
@@ -548,13 +554,14 @@ def _no_wire_memory_worker(rank, world, failing, sharded):
     want = {k: v.to(torch.bfloat16).float() for k, v in ref.state_dict().items()}
     del ref
     model = build(real=False)
+    before = _snapshot(model)
     flat = 256 // (world if sharded else 1)  # MB
     limits = _cap_address_space((flat + flat // 2 - 24) << 20) if rank == failing else None
     try:
         materialize(model, "cpu", state_dict=sd)
         out = ["no error"]
     except MaterializeError as e:
-        out = [str(e), [n for n, p in model.named_parameters() if not p.is_meta]]
+        out = [str(e), _changes(model, before)]
     if limits is not None:
         resource.setrlimit(resource.RLIMIT_AS, limits)
     model = build(real=False)
@@ -568,20 +575,12 @@ def _no_wire_memory_worker(rank, world, failing, sharded):
 def test_a_rank_out_of_memory_after_the_agreement_raises_on_every_rank(world, failing, sharded):
     results = run_ranks(_no_wire_memory_worker, world, failing, sharded, timeout=180)
     wire = 128 // (world if sharded else 1)
-    for rank, (msg, not_meta, after) in enumerate(results):
-        assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank {failing}: "
-                        rf"could not allocate the {wire} MiB buffer for the tensors sent in a smaller dtype "
-                        r"\(converted after the transfer\) on cpu \(.*can't allocate memory.*\)\. Free host memory on "
-                        r"this rank, or start fewer ranks per host\.$", msg), msg
-        assert not_meta == [], f"rank {rank}: installed despite the error: {not_meta}"
-        assert after == [], f"rank {rank}: the load after the failure differs: {after}"
+    _assert_raised_together(results, failing, rf"could not allocate the {wire} MiB buffer for the tensors sent in a "
+                            r"smaller dtype \(converted after the transfer\) on cpu \(.*can't allocate memory.*\)\. "
+                            r"Free host memory on this rank, or start fewer ranks per host\.")
 
 
 def test_a_rank_out_of_memory_raises_on_every_rank():
     results = run_ranks(_no_memory_worker, 2, timeout=120)
-    for rank, (msg, changes, after) in enumerate(results):
-        assert re.match(rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank 1: could not "
-                        r"allocate the \d+ MiB buffer for the tensors on cpu \(.*can't allocate memory.*\)\. Free "
-                        r"host memory on this rank, or start fewer ranks per host\.$", msg), msg
-        assert changes == [], f"rank {rank}: {changes}"
-        assert after == [], f"rank {rank}: the load after the failure differs: {after}"
+    _assert_raised_together(results, 1, r"could not allocate the \d+ MiB buffer for the tensors on cpu \(.*can't "
+                            r"allocate memory.*\)\. Free host memory on this rank, or start fewer ranks per host\.")
