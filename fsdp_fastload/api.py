@@ -256,13 +256,14 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     if kept:
         t_alloc = time.perf_counter()
         if distributed:
+            failed = None
             try:
                 packer = Packer(sources, layout, read_threads=opts["read_threads"],
                                 names=[e.names[0] for e in entries], facts=facts)
             except Exception as e:  # noqa: BLE001  sent unpacked (from scratch); every rank raises it after
-                packer = _Unpacked(_preparing_failed(e))
+                packer, failed = _Unpacked(), _preparing_failed(e)
             problem = broadcast_fill(None, layout, is_src=True, packer=packer, **fill)
-            _settle(getattr(packer, "problem", None) or problem, **settle)
+            _settle(failed or problem, **settle)
         t_fill = time.perf_counter()
         if verify and distributed:
             _verify(entries, [e.tensor for e in entries], group=group, src=src, rank=rank,
@@ -289,7 +290,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
     except RuntimeError as e:  # out of memory
         nbytes = sum(main_sizes) if main is None else sum(wire_sizes)
         degraded.fail(_no_memory(nbytes, device, e, "tensors" if main is None else
-                                 "tensors sent in a smaller dtype (converted after the transfer)"), main)
+                                 "tensors sent in a smaller dtype (converted after the transfer)"))
     bufs, targets = [], []
     if degraded.problem is None:
         if opts["poison"]:
@@ -352,11 +353,11 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                 packers = shard.rank_packers([sources[i] for i in shd], shd_entries, geos, shd_layout,
                                              read_threads=opts["read_threads"])
         except Exception as e:  # noqa: BLE001  (src's own failure: every rank raises it after the fill)
-            degraded.fail(_preparing_failed(e), main)
+            degraded.fail(_preparing_failed(e))
     if degraded.problem is not None:
-        targets = degraded.targets()
+        targets = degraded.targets(main)
         if is_src:  # src sends every bucket as it is (unpacked)
-            packer = _Unpacked(degraded.problem)
+            packer = _Unpacked()
             packers = [packer] * len(ranks) if shd else None
     problems: list = [degraded.problem]  # this rank's own: a failure here, src's read/pack failure,
     # a failure while the bytes arrived
@@ -441,18 +442,17 @@ class Degraded:
 
     def __init__(self, parts: list, distributed: bool, device: torch.device):
         self.parts, self.distributed, self.device = parts, distributed, device
-        self.problem = self.main = None
+        self.problem: str | None = None
 
-    def fail(self, problem: str, main: torch.Tensor | None) -> None:
+    def fail(self, problem: str) -> None:
         if not self.distributed:
             raise MaterializeError(f"fsdp_fastload.materialize: {problem}")
-        self.problem, self.main = self.problem or problem, main
+        self.problem = self.problem or problem
 
-    def targets(self) -> list:
-        """Each part's bucket [a, b) lands at the start of one scratch buffer: the part of `main`
-        already allocated if it is large enough, else a buffer of the largest bucket."""
+    def targets(self, main: torch.Tensor | None) -> list:
+        """Each part's bucket [a, b) lands at the start of one scratch buffer: `main` (this rank's flat
+        buffer, if it was allocated) if it is large enough, else a buffer of the largest bucket."""
         biggest = max((b - a for lay, _ in self.parts for a, b in lay.buckets), default=0)
-        main = self.main
         if main is None or main.numel() < biggest:
             try:
                 main = ops.alloc(biggest, self.device)
@@ -461,21 +461,17 @@ class Degraded:
                     f"fsdp_fastload.materialize: {self.problem} Not even a {biggest / 2**20:.0f} MiB scratch "
                     f"buffer could be allocated to stay in step with the other ranks ({e}); they will fail "
                     "on their next transfer's timeout.") from e
-        scratch = main
 
         def target(a: int, b: int) -> torch.Tensor:
-            return scratch[:b - a]
+            return main[:b - a]
         return [target] * len(self.parts)
 
 
 class _Unpacked:
-    """A packer src could not build (see `Degraded`): buckets go out as they are, nothing is sent
-    from src's tensors, and `problem` is what every rank raises after the fill."""
+    """Stands in for the packer(s) of a src that failed after the agreement (see `Degraded`):
+    buckets go out as they are, nothing is sent from src's tensors."""
 
     wrote_host = False
-
-    def __init__(self, problem: str):
-        self.problem = problem
 
     def direct_view(self, a: int, b: int) -> None:
         return None
