@@ -374,7 +374,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
             problems.append(later.problem())
     if shd:
         sends = Broadcasts(shd_layout, src=src, group=group, op="scatter", max_inflight=opts["max_inflight"],
-                           timeout=timeout)
+                           timeout=timeout, poll=device.type == "cuda")
         problems.append(shard.scatter_fill(
             targets[1], shd_layout, is_src=is_src, packers=packers, src=src, group=group, device=device,
             sends=sends, progress=opts["progress"], meanwhile=None if degraded.problem else carve_pieces))

@@ -293,7 +293,8 @@ def broadcast_fill(target: Callable[[int, int], torch.Tensor] | None, layout: La
     caller to agree on with the other ranks once every fill is done (so that all raise together).
     Either way nothing was installed.
     """
-    sends = Broadcasts(layout, src=src, group=group, max_inflight=max_inflight, timeout=timeout)
+    sends = Broadcasts(layout, src=src, group=group, max_inflight=max_inflight, timeout=timeout,
+                       poll=device.type == "cuda")
     if is_src and target is None:
         return _send_kept(layout, packer, sends, device=device, progress=progress)
     cuda = device.type == "cuda"

@@ -90,10 +90,26 @@ def _arm(rank: int, fault: dict | None) -> None:
     dist.broadcast = broadcast
 
 
-def _fault_worker(rank, world, fault, source, path, timeout):
+def _poll_waits() -> None:
+    """In this worker only: every bucket wait polls for completion first, as CUDA targets' do (see
+    `comm.Broadcasts.poll`), so that path runs here on gloo."""
+    from fsdp_fastload import comm
+
+    real = comm.Broadcasts.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.poll = True
+
+    comm.Broadcasts.__init__ = init
+
+
+def _fault_worker(rank, world, fault, source, path, timeout, poll=False):
     from fsdp_fastload import MaterializeError, materialize
 
     _arm(rank, fault)
+    if poll:
+        _poll_waits()
     model = _build(real=(rank == 0 and source == "model"))
     before = _snapshot(model)
     kwargs = {} if timeout is None else {"timeout": timeout}
@@ -163,18 +179,38 @@ def test_peer_dies_mid_fill(ckpt, world, dead, source, timeout):
         _check_survivor(rank, res, problem=problem, max_s=(timeout or 0) + 20, source=source)
 
 
-@pytest.mark.parametrize("stalled,source", [(0, "model"), (1, "file")])
-def test_stalled_peer_hits_the_timeout(ckpt, stalled, source):
+@pytest.mark.parametrize("stalled,source,poll", [(0, "model", False), (1, "file", False), (0, "file", True)])
+def test_stalled_peer_hits_the_timeout(ckpt, stalled, source, poll):
     # The stalled rank sleeps 6 s inside its 3rd bucket broadcast; the other rank waits at most
     # timeout=1.5 s for any one bucket, raises, and says so. The sleeper then finds its peer gone (or
-    # times out itself): it raises too, its module unchanged.
+    # times out itself): it raises too, its module unchanged. poll: the waits poll first (CUDA's way).
     fault = {"rank": stalled, "at": 3, "do": "stall", "seconds": 6}
-    results = run_ranks(_fault_worker, 2, fault, source, ckpt, 1.5, timeout=120)
+    results = run_ranks(_fault_worker, 2, fault, source, ckpt, 1.5, poll, timeout=120)
     other = 1 - stalled
     _check_survivor(other, results[other], problem=TIMED_OUT_MSG.format(timeout=1.5), max_s=5, source=source)
     res = results[stalled]
     assert res["type"] == "MaterializeError" and re.match(BUCKET_MSG.format(rank=stalled), res["msg"]), res
     assert res["changes"] == [], res["changes"]
+
+
+def _polled_load_worker(rank, world, path):
+    from fsdp_fastload import materialize
+
+    _poll_waits()
+    got = {}
+    for source in ("model", "file"):
+        model = _build(real=(rank == 0 and source == "model"))
+        materialize(model, "cpu", state_dict=path if rank == 0 and source == "file" else None,
+                    bucket_size=BUCKET, max_inflight=2)
+        ref = _tensors(_build(real=True))
+        got[source] = [n for n, t in _tensors(model).items() if t.is_meta or not torch.equal(t, ref[n])]
+    return got
+
+
+def test_polled_waits_load_bit_exact(ckpt):
+    """The CUDA targets' waits (poll for completion, then wait) forced on gloo: every bucket arrives."""
+    for rank, got in enumerate(run_ranks(_polled_load_worker, 2, ckpt, timeout=120)):
+        assert got == {"model": [], "file": []}, f"rank {rank}: {got}"
 
 
 def _dies_before_materialize_worker(rank, world):
