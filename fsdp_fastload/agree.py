@@ -46,13 +46,13 @@ def agree(*, group, src: int, rank: int, comm_device: torch.device, fp: int, sum
         for r, _, summ in details:
             if summ != ref:
                 problems.append(first_difference(ref, src, summ, r))
+                problems.append(
+                    "Every rank must build the same architecture (same config, dtype, ties and buffer "
+                    "persistence) before calling materialize.")
                 break
         else:
-            problems.append("the models agree but the ranks passed different src= values; pass the "
-                            "same src on every rank")
-        problems.append(
-            "Every rank must build the same architecture (same config, dtype, ties and buffer "
-            "persistence) before calling materialize.")
+            problems.append("the models agree but the ranks passed different src= or verify= values; "
+                            "pass the same on every rank.")
     raise MaterializeError(f"fsdp_fastload.materialize failed on all ranks (this is rank {rank}): "
                            + "; ".join(problems))
 

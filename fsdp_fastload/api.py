@@ -101,13 +101,34 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
         >>> model.weight.device
         device(type='cpu')
     """
-    unknown = set(tuning) - set(_TUNING)
-    if unknown:
-        raise TypeError(f"materialize() got unknown tuning option(s) {sorted(unknown)}; "
-                        f"known: {sorted(_TUNING)}")
     with _gc_paused():
         return _materialize(module, device, src=src, group=group, state_dict=state_dict, verify=verify,
-                            opts={**_TUNING, **tuning})
+                            opts={**_TUNING, **tuning}, bad_options=_bad_options(tuning))
+
+
+def _bad_options(tuning: dict) -> str | None:
+    """What is wrong with the tuning options (unknown, or of the wrong type), for the agreement: one
+    rank's typo must not leave the others waiting in a collective it never reaches."""
+    unknown = set(tuning) - set(_TUNING)
+    if unknown:
+        return f"unknown tuning option(s) {sorted(unknown)}; known: {sorted(_TUNING)}"
+
+    def number(v, low):
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and v >= low
+
+    def count(v, low):
+        return not isinstance(v, bool) and isinstance(v, int) and v >= low
+
+    checks = {"bucket_size": lambda v: v is None or number(v, 1),
+              "direct_min": lambda v: v is None or number(v, 0),
+              "max_inflight": lambda v: count(v, 1), "read_threads": lambda v: count(v, 0),
+              "buffer_init": lambda v: v is None or callable(v)}
+    what = {"bucket_size": "None or a positive number of bytes", "direct_min": "None or a number of bytes >= 0",
+            "max_inflight": "an int >= 1", "read_threads": "an int >= 0", "buffer_init": "None or a callable"}
+    bad = [k for k, ok in checks.items() if k in tuning and not ok(tuning[k])]
+    if bad:
+        return "; ".join(f"{k}={tuning[k]!r} must be {what[k]}" for k in bad)
+    return None
 
 
 @contextlib.contextmanager
@@ -124,7 +145,7 @@ def _gc_paused():
             gc.enable()
 
 
-def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.Module:
+def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_options=None) -> nn.Module:
     t_start = time.perf_counter()
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -150,16 +171,22 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
         is_src, backend = rank == src, str(dist.get_backend(group))
 
     # 1. manifest, local checks, the src's plan; then agreement across ranks before any data moves.
-    error: str | None = None
+    error: str | None = bad_options
     try:
         device = _resolve_device(device, backend)
     except ValueError as e:
-        error, device = str(e), torch.device("cpu")
+        error, device = error or str(e), torch.device("cpu")
+    except RuntimeError as e:  # torch.device() of a name or index this host does not have
+        error, device = error or (f"device={device!r} is not usable on this rank ({first_line(e)}). Pass 'cpu' "
+                                  "or 'cuda:<local rank>'."), torch.device("cpu")
     comm_device = torch.device("cpu") if "gloo" in backend or not backend else device
     if error is None and distributed and device.type == "cpu" and "gloo" not in backend:
         error = (f"backend '{backend}' cannot broadcast CPU tensors (device={device}). "
                  "Use a gloo process group for CPU targets, or pass a CUDA device.")
-    entries = build_manifest(module)
+    try:
+        entries = build_manifest(module)
+    except Exception as e:  # noqa: BLE001  (e.g. a lazy module's uninitialized parameter): every rank hears it
+        entries, error = [], error or _unreadable_module(module, e)
     _warn_kept_in_fp32(module, entries, rank)
     if error is None:
         error = _check_local(entries, is_src=is_src, state_dict=state_dict)
@@ -192,31 +219,24 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
                     src_plan, error = match(entries, renamed, strict=opts["strict"], unsaved=unsaved)
         except CheckpointError as e:
             error = str(e)
+        except Exception as e:  # noqa: BLE001  (a mapping that fails to give its values, ...): every rank hears it
+            error = f"reading state_dict failed: {_sentence(e)}"
         if error is not None and getattr(error, "missing", None):
             error += _missing_hints(module, error.missing, sharded=bool(shd))
+        if src_plan is not None:
+            _warn_own_load_logic(module)
         if src_plan is not None and src_plan.unexpected:
             warnings.warn(f"fsdp_fastload.materialize: {len(src_plan.unexpected)} checkpoint key(s) not "
                           f"in the model were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
     layout = shd_layout = None
     sources = wire_all = facts = rep_sources = None
     if error is None and is_src:
-        sources = src_plan.sources if src_plan is not None else [e.tensor for e in entries]
-        wire_all = src_plan.wire if src_plan is not None else [e.dtype for e in entries]
-        bucket = opts["bucket_size"] or _auto_bucket(sum(e.nbytes for e in entries))
-        direct_min = opts["direct_min"] or bucket // 2
-        rep_args = dict(bucket_size=bucket, direct_min=direct_min, wire=[wire_all[i] for i in rep])
-        rep_sources = [sources[i] for i in rep]
-        facts = memory_facts(rep_sources)
-        layout = plan(rep_entries, sources=rep_sources, facts=facts, **rep_args)
-        if layout.main_total > _main_estimate(entries, rep, [], []):
-            # Runs of src's memory keep the gaps between its tensors (malloc's headers: ~40% more bytes
-            # on 100k tensors of 640 B). Past the allowance receivers size their early buffer with,
-            # the gaps would cost wire bytes and every receiver a second buffer: plan compact, packed.
-            layout = plan(rep_entries, **rep_args)
-        if shd:  # each scatter moves `world` pieces: keep src's staging near a bucket
-            shd_layout = plan(slots, direct_min=direct_min,
-                              bucket_size=max(bucket // len(ranks), 1 << 20), wire=[wire_all[i] for i in shd])
-    fp = fingerprint(entries, (src,)) if distributed else 0
+        try:
+            sources, rep_sources, wire_all, facts, layout, shd_layout = _plan_src(
+                entries, rep, shd, slots, src_plan, opts, world=len(ranks))
+        except Exception as e:  # noqa: BLE001  src cannot plan: every rank hears why before any data moves
+            error = f"planning the transfer failed: {_sentence(e)}"
+    fp = fingerprint(entries, (src, bool(verify))) if distributed else 0
     # CPU targets: the flat buffer is allocated now (a rank that cannot have it says so in the
     # agreement) and its pages faulted in on a background thread while this rank waits for src's
     # plan, then ahead of the transfer (receivers size it from their own manifest; a layout that
@@ -410,6 +430,31 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts) -> nn.
          phases={"agree": t_agree - t_start, "alloc": t_alloc - t_agree, "fill": t_fill - t_alloc,
                  "install": t_end - t_fill})
     return module
+
+
+def _plan_src(entries: list[Entry], rep: list[int], shd: list[int], slots: list[Entry], src_plan, opts: dict,
+              *, world: int) -> tuple:
+    """src's (sources, those of the replicated entries, wire dtypes, memory facts of the replicated
+    sources, layout, shards' layout)."""
+    sources = src_plan.sources if src_plan is not None else [e.tensor for e in entries]
+    wire_all = src_plan.wire if src_plan is not None else [e.dtype for e in entries]
+    bucket = opts["bucket_size"] or _auto_bucket(sum(e.nbytes for e in entries))
+    direct_min = opts["direct_min"] or bucket // 2
+    rep_entries = [entries[i] for i in rep]
+    rep_args = dict(bucket_size=bucket, direct_min=direct_min, wire=[wire_all[i] for i in rep])
+    rep_sources = [sources[i] for i in rep]
+    facts = memory_facts(rep_sources)
+    layout = plan(rep_entries, sources=rep_sources, facts=facts, **rep_args)
+    if layout.main_total > _main_estimate(entries, rep, [], []):
+        # Runs of src's memory keep the gaps between its tensors (malloc's headers: ~40% more bytes
+        # on 100k tensors of 640 B). Past the allowance receivers size their early buffer with,
+        # the gaps would cost wire bytes and every receiver a second buffer: plan compact, packed.
+        layout = plan(rep_entries, **rep_args)
+    shd_layout = None
+    if shd:  # each scatter moves `world` pieces: keep src's staging near a bucket
+        shd_layout = plan(slots, direct_min=direct_min,
+                          bucket_size=max(bucket // world, 1 << 20), wire=[wire_all[i] for i in shd])
+    return sources, rep_sources, wire_all, facts, layout, shd_layout
 
 
 def _missing_hints(module: nn.Module, missing: list[str], *, sharded: bool) -> str:
@@ -609,6 +654,28 @@ def _unsaved(module: nn.Module) -> frozenset:
     return frozenset(k for k in keys if isinstance(k, str)) if keys else frozenset()
 
 
+def _warn_own_load_logic(module: nn.Module) -> None:
+    """src reads a checkpoint into a plain module (not a transformers model, whose reference loader,
+    from_pretrained, runs no module load hooks either) that has its own load logic: a class overriding
+    `_load_from_state_dict` (outside torch.nn's own, which only upgrade old checkpoints) or load_state_dict
+    pre-hooks. materialize installs the checkpoint's tensors as they are; say so, naming the modules."""
+    if "transformers" in sys.modules:
+        from transformers import PreTrainedModel
+
+        if isinstance(module, PreTrainedModel):
+            return
+    base = nn.Module._load_from_state_dict
+    own = [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
+           if m._load_state_dict_pre_hooks or (type(m)._load_from_state_dict is not base and not
+                                                type(m)._load_from_state_dict.__module__.startswith("torch.nn."))]
+    if own:
+        warnings.warn(
+            f"fsdp_fastload.materialize: {len(own)} module(s) have their own load_state_dict logic "
+            f"(a _load_from_state_dict override or load pre-hooks), e.g. {own[:5]}; materialize installs the "
+            "checkpoint's tensors as they are and does not run it. If that logic changes values (not only "
+            "key names), call load_state_dict on src and materialize(model) without state_dict.", stacklevel=4)
+
+
 def _warn_kept_in_fp32(module: nn.Module, entries: list[Entry], rank: int) -> None:
     """A transformers model whose half-precision tensors `from_pretrained` would keep in float32
     (`_keep_in_fp32_modules[_strict]`): usually a skeleton built with `from_config(dtype=...)`,
@@ -628,6 +695,19 @@ def _warn_kept_in_fp32(module: nn.Module, entries: list[Entry], rank: int) -> No
             f"{dtype}) on every rank after building the model (before fully_shard).", stacklevel=4)
 
 
+def _unreadable_module(module: nn.Module, e: BaseException) -> str:
+    """The agreement's text when this rank's module cannot be walked (its tensors' shapes unknown)."""
+    lazy = [n for n, p in module.named_parameters(remove_duplicate=False)
+            if isinstance(p, nn.parameter.UninitializedTensorMixin)]
+    lazy += [n for n, b in module.named_buffers(remove_duplicate=False)
+             if isinstance(b, nn.parameter.UninitializedTensorMixin)]
+    if lazy:
+        return (f"{len(lazy)} parameter(s)/buffer(s) of lazy modules are not initialized yet, e.g. {lazy[:5]}: "
+                "their shapes are unknown. Run one forward pass on every rank first (on meta inputs for a "
+                "meta skeleton), or build those modules with explicit sizes.")
+    return f"reading the module's parameters and buffers failed: {_sentence(e)}"
+
+
 def _check_local(entries: list[Entry], *, is_src: bool, state_dict) -> str | None:
     """Problems this rank can see alone; reported to every rank through `agree`."""
     odd = [e.names[0] + f" ({e.cls})" for e in entries if e.cls not in _SUPPORTED_CLASSES]
@@ -635,6 +715,16 @@ def _check_local(entries: list[Entry], *, is_src: bool, state_dict) -> str | Non
         return (f"not supported: tensor subclasses {odd[:5]}{' ...' if len(odd) > 5 else ''} "
                 "(quantized parameters, for instance). Materialize the plain model first, then "
                 "quantize it.")
+    codes, strided = ops.DTYPE_CODE, torch.strided
+    odd = [f"{e.names[0]} ({e.dtype})" for e in entries if e.dtype not in codes]
+    if odd:
+        return (f"not supported: dtype of {odd[:5]}{' ...' if len(odd) > 5 else ''}; supported: "
+                f"{', '.join(str(d).replace('torch.', '') for d in codes)}. Convert those tensors (e.g. "
+                "complex32 to complex64) before materialize, or keep them out of the module.")
+    odd = [f"{e.names[0]} ({e.tensor.layout})" for e in entries if e.tensor.layout is not strided]
+    if odd:
+        return (f"not supported: sparse or other non-strided tensors {odd[:5]}{' ...' if len(odd) > 5 else ''}. "
+                "Register them dense (t.to_dense()), or keep them out of the module.")
     if not is_src:
         if state_dict is not None:
             return ("state_dict was passed on a rank that is not src; only src reads the checkpoint. "

@@ -172,7 +172,7 @@ def fingerprint(entries: list[Entry], extra: tuple = ()) -> int:
     flat: list = []
     put = flat.extend  # (a plain loop: a generator of *-unpacked tuples was twice as slow)
     for e in entries:
-        put((e.kind == "param", e.persistent, codes[e.dtype], cls.get(e.cls, 2), len(e.names), len(e.shape)))
+        put((e.kind == "param", e.persistent, codes.get(e.dtype, -1), cls.get(e.cls, 2), len(e.names), len(e.shape)))
         put(e.shape)
     h.update(array.array("q", flat).tobytes())
     # other classes by name; DTensor placements as codes into the table of distinct ones (a model's

@@ -143,12 +143,19 @@ def checkpoint_files(path: str) -> list[str]:
         return [path]
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such file or directory")
+    # from_pretrained's order: a single model.safetensors wins over an index (save_pretrained into a
+    # directory holding the other layout leaves both behind)
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
             files = sorted(set(weight_map.values()))
+            if not all(isinstance(f, str) for f in files):
+                raise ValueError("weight_map values must be file names")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
@@ -156,9 +163,6 @@ def checkpoint_files(path: str) -> list[str]:
             raise CheckpointError(f"{index} names shard files that do not exist: {missing[:5]}. "
                                   "Copy the complete checkpoint directory.")
         return [os.path.join(path, f) for f in files]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
     found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not found:
         pickled = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")))
@@ -265,6 +269,10 @@ def match(entries, source: dict, *, strict: bool,
             problems.append(f"not supported: '{key}' is a {type(v).__name__} (a tensor subclass such as a "
                             "DTensor or a quantized tensor); pass plain full tensors")
             continue
+        if isinstance(v, torch.Tensor) and v.layout != torch.strided:
+            problems.append(f"'{key}' is a {v.layout} tensor in state_dict; the model's is dense. Pass "
+                            f"dense tensors (state_dict[{key!r}].to_dense())")
+            continue
         shape = tuple(v.shape)
         if shape != e.shape:
             problems.append(f"'{key}' has shape {shape} in the checkpoint but {e.shape} in the model")
@@ -284,9 +292,10 @@ def match(entries, source: dict, *, strict: bool,
         hint = ""
         if unexpected:
             hint = (f" The checkpoint also has {len(unexpected)} key(s) the model does not, e.g. "
-                    f"{unexpected[:3]}: its names may need transformers' own conversion (renamed or "
-                    "fused expert weights). Load the model with from_pretrained on src and call "
-                    "materialize(model) without state_dict.")
+                    f"{unexpected[:3]}: its names may need converting on load (transformers' own conversion "
+                    "renames or fuses some, e.g. expert weights; a module's own load_state_dict pre-hooks "
+                    "rename others). Load the model with from_pretrained on src (load_state_dict for a plain "
+                    "module) and call materialize(model) without state_dict.")
         problems.insert(0, f"{len(missing)} persistent tensor(s) missing from the checkpoint: "
                            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}.{hint}")
     elif unexpected and strict:

@@ -304,6 +304,12 @@ def test_checkpoint_dirs(tmp_path, ckpts):
     idx.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
     with pytest.raises(CheckpointError, match=r"names shard files that do not exist: \['model-00001"):
         checkpoint_files(str(tmp_path))
+    idx.write_text(json.dumps({"weight_map": {"a": 3}}))
+    with pytest.raises(CheckpointError, match=r"not a valid safetensors index \(weight_map values must be file names\)"):
+        checkpoint_files(str(tmp_path))
+    # save_pretrained into a directory of the other layout leaves both: from_pretrained takes the single file
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert checkpoint_files(str(tmp_path)) == [str(tmp_path / "model.safetensors")]
     assert len(checkpoint_files(ckpts["llama-sharded"])) > 1
 
 
@@ -488,3 +494,33 @@ def _empty_weights_worker(rank, world, cases):
 def test_accelerate_init_empty_weights_skeletons(ckpts):
     cases = {n: ckpts[n] for n in ("llama", "gpt2", "bert_mlm", "qwen2_tied")}
     _check(run_ranks(_empty_weights_worker, 2, cases, timeout=300))
+
+
+class _RescalesOnLoad(nn.Module):
+    """A load pre-hook that changes values under the same key (a legacy checkpoint's scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.norm = nn.BatchNorm1d(3)  # torch's own override (old checkpoints' num_batches_tracked): no warning
+        self.lin.register_load_state_dict_pre_hook(
+            lambda mod, sd, prefix, *a: sd.__setitem__(prefix + "bias", sd[prefix + "bias"] * 2))
+
+
+def test_modules_with_their_own_load_logic_are_named():
+    import warnings
+
+    from fsdp_fastload import materialize
+
+    sd = _RescalesOnLoad().state_dict()
+    model = _RescalesOnLoad().to("meta")
+    with pytest.warns(UserWarning, match=r"1 module\(s\) have their own load_state_dict logic .* e\.g\. "
+                                         r"\['lin \(Linear\)'\]; materialize installs the checkpoint's tensors "
+                                         r"as they are"):
+        materialize(model, "cpu", state_dict=sd)
+    assert torch.equal(model.lin.bias, sd["lin.bias"])  # as the checkpoint holds it, as the warning says
+    plain = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    sd = plain.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        materialize(plain.to("meta"), "cpu", state_dict=sd)
