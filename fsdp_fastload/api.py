@@ -335,6 +335,9 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
             wire_views = ops.carve(w, ops.encode_spec([lay.wire_dtype[i] for i in conv],
                                                       [lay.wire[i] - lay.direct for i in conv],
                                                       [ents[i].shape for i in conv]))
+            if lay is layout:  # an empty tensor gets a storage of its own: one grown later with
+                for i in empty:  # resize_ (observers' running min/max) must not write over its neighbours
+                    views[i] = torch.empty(ents[i].shape, dtype=ents[i].dtype, device=device)
             part_views.append(views)
             conversions.append([(views[i], wv) for i, wv in zip(conv, wire_views)])
         if shd:  # this rank's shard of each sharded entry, at the start of its slot
@@ -355,6 +358,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
                                             piece=_PIECE)
 
     local = [i for i in range(len(rep_entries)) if layout.wire_dtype[i] is None]
+    empty = [i for i, e in enumerate(rep_entries) if not e.numel]
     # sharded tensors src does not send (a parameter transformers never saves): recomputed whole,
     # each rank keeping its box
     shd_missing = [k for k in range(len(shd_entries)) if shd_layout.wire_dtype[k] is None] if shd else []

@@ -25,6 +25,8 @@ from .source import FileTensor
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     """The bytes of `t` as a 1-D uint8 tensor (a copy only if `t` is not contiguous)."""
     t = t.detach()
+    if t.is_conj() or t.is_neg():  # a lazy conjugate/negative view: its values, not its storage's
+        t = t.resolve_conj().resolve_neg()
     if not t.is_contiguous():
         t = t.contiguous()
     return t.reshape(-1).view(torch.uint8)
@@ -148,7 +150,7 @@ class Packer:
             if isinstance(obj, FileTensor):
                 t = read_file_tensor(obj, num_threads=self.read_threads)
             elif isinstance(obj, torch.Tensor):
-                t = obj.detach()
+                t = obj.detach().resolve_conj().resolve_neg()
             else:
                 t = obj()
             t = t.to(off).contiguous()

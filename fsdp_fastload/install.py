@@ -21,8 +21,8 @@ def prepare(entries: list[Entry], views: list[torch.Tensor]) -> list[torch.Tenso
                 for k, val in old.items():
                     new.__dict__.setdefault(k, val)
             out.append(new)
-        else:
-            out.append(v)
+        else:  # a buffer (requires_grad as on src: a float buffer may require it)
+            out.append(v.requires_grad_() if e.requires_grad else v)
     return out
 
 

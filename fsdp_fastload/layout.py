@@ -69,13 +69,14 @@ _CPU = ("cpu",)
 
 def memory_facts(sources: list) -> list:
     """Per source: (address, address of its storage's first byte, dtype, numel, device index or -1
-    on CPU) for a contiguous tensor with memory; None for anything else (a file range, a meta or
-    strided tensor). Gathered once per call for the layout and the packer: each attribute costs
-    ~0.1-0.25 us from Python, which adds up to ~0.1 s at 100k tensors when asked twice."""
+    on CPU) for a contiguous tensor with memory; None for anything else (a file range, a meta,
+    strided, or lazily conjugated/negated tensor). Gathered once per call for the layout and the
+    packer: each attribute costs ~0.1-0.25 us from Python, ~0.1 s at 100k tensors when asked twice."""
     out: list = []
     tensor = torch.Tensor
     for s in sources:
-        if isinstance(s, tensor) and not s.is_meta and s.is_contiguous():
+        # (a lazy conjugate/negative view's storage holds other values than the tensor: not memory)
+        if isinstance(s, tensor) and not s.is_meta and s.is_contiguous() and not (s.is_conj() or s.is_neg()):
             addr = s.data_ptr()
             out.append((addr, addr - s.storage_offset() * s.element_size(), s.dtype, s.numel(),
                         -1 if s.is_cpu else s.get_device()))

@@ -614,3 +614,47 @@ def test_parameter_also_registered_as_a_buffer_keeps_its_tables():
         for flow, bad in res.items():
             assert bad == [], f"rank {rank} {flow}: {bad}"
 
+
+class _OddValues(nn.Module):
+    """Tensors whose bytes are not simply their values, or that change size or need grad later."""
+
+    def __init__(self, real: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        dev = "cpu" if real else "meta"
+        torch.manual_seed(3)  # the Linear's init
+        self.lin = nn.Linear(4, 4, device=dev)
+        # a per-channel observer's running minimum: empty until the first forward resize_s it
+        self.register_buffer("running_min", torch.tensor([], device=dev))
+        self.register_buffer("scale", torch.ones(3, device=dev).requires_grad_())  # a buffer needing grad
+        c = torch.complex(torch.randn(5, generator=g), torch.randn(5, generator=g))
+        # lazy conjugate / negative views on src (their storage holds other values than they do)
+        self.c = nn.Parameter(c.conj() if real else c.to(dev))
+        self.register_buffer("n", torch.randn(5, generator=g)._neg_view() if real else torch.empty(5, device=dev))
+
+
+def _odd_values_worker(rank, world, flow):
+    from fsdp_fastload import materialize
+
+    ref = _OddValues(real=True)
+    if flow == "model":
+        model = _OddValues(real=rank == 0)
+        materialize(model, "cpu", verify=True)
+    else:
+        model = _OddValues(real=False)
+        materialize(model, "cpu", state_dict=ref.state_dict() if rank == 0 else None, verify=True)
+    bad = [n for n, t in _tensors(model).items()
+           if not torch.equal(t.resolve_conj().resolve_neg(), _tensors(ref)[n].resolve_conj().resolve_neg())]
+    if not model.scale.requires_grad:
+        bad.append("scale lost requires_grad")
+    weight = model.lin.weight.detach().clone()
+    model.running_min.resize_(64).fill_(-7.0)  # what the observer's first forward does
+    if not torch.equal(model.lin.weight, weight):
+        bad.append("growing running_min wrote over lin.weight")
+    return bad
+
+
+@pytest.mark.parametrize("flow", ["model", "mapping"])
+def test_conjugate_views_grad_buffers_and_empty_tensors_grown_later(flow):
+    for rank, bad in enumerate(run_ranks(_odd_values_worker, 2, flow, timeout=120)):
+        assert bad == [], f"rank {rank}: {bad}"
