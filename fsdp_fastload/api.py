@@ -233,7 +233,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
     if error is None and is_src:
         try:
             sources, rep_sources, wire_all, facts, layout, shd_layout = _plan_src(
-                entries, rep, shd, slots, src_plan, opts, world=len(ranks))
+                entries, rep, rep_entries, shd, slots, src_plan, opts, world=len(ranks))
         except Exception as e:  # noqa: BLE001  src cannot plan: every rank hears why before any data moves
             error = f"planning the transfer failed: {_sentence(e)}"
     fp = fingerprint(entries, (src, bool(verify))) if distributed else 0
@@ -436,15 +436,14 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
     return module
 
 
-def _plan_src(entries: list[Entry], rep: list[int], shd: list[int], slots: list[Entry], src_plan, opts: dict,
-              *, world: int) -> tuple:
+def _plan_src(entries: list[Entry], rep: list[int], rep_entries: list[Entry], shd: list[int],
+              slots: list[Entry], src_plan, opts: dict, *, world: int) -> tuple:
     """src's (sources, those of the replicated entries, wire dtypes, memory facts of the replicated
     sources, layout, shards' layout)."""
     sources = src_plan.sources if src_plan is not None else [e.tensor for e in entries]
     wire_all = src_plan.wire if src_plan is not None else [e.dtype for e in entries]
     bucket = opts["bucket_size"] or _auto_bucket(sum(e.nbytes for e in entries))
     direct_min = opts["direct_min"] or bucket // 2
-    rep_entries = [entries[i] for i in rep]
     rep_args = dict(bucket_size=bucket, direct_min=direct_min, wire=[wire_all[i] for i in rep])
     rep_sources = [sources[i] for i in rep]
     facts = memory_facts(rep_sources)
@@ -668,10 +667,19 @@ def _warn_own_load_logic(module: nn.Module) -> None:
 
         if isinstance(module, PreTrainedModel):
             return
-    base = nn.Module._load_from_state_dict
+    base, classes = nn.Module._load_from_state_dict, {}
+
+    def overrides(cls) -> bool:  # asked once per class, not per module (~1,600 modules in a deep model)
+        got = classes.get(cls)
+        if got is None:
+            f = cls._load_from_state_dict
+            got = classes[cls] = f is not base and not f.__module__.startswith("torch.nn.")
+        return got
+
+    if not any(m._load_state_dict_pre_hooks or overrides(type(m)) for m in module.modules()):
+        return
     own = [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
-           if m._load_state_dict_pre_hooks or (type(m)._load_from_state_dict is not base and not
-                                                type(m)._load_from_state_dict.__module__.startswith("torch.nn."))]
+           if m._load_state_dict_pre_hooks or overrides(type(m))]
     if own:
         warnings.warn(
             f"fsdp_fastload.materialize: {len(own)} module(s) have their own load_state_dict logic "
