@@ -330,14 +330,22 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
         a few hundred at a time (pieces of ~1 ms, between yields): needs no values, so it runs while
         the bytes arrive, in the time this rank would otherwise wait (see `fill.Meanwhile`)."""
         for (lay, ents), (m, w) in zip(parts, bufs):
-            views = ops.carve(m, ops.encode_spec([e.dtype for e in ents], lay.final, [e.shape for e in ents]))
-            conv = [i for i, e in enumerate(ents) if lay.wire_dtype[i] not in (None, e.dtype)]
+            strides = None
+            if lay is layout and strided:  # channels_last, transposed: carved in their skeleton's order
+                strides = [e.strides or ops.contiguous_strides(e.shape) for e in ents]
+            views = ops.carve(m, ops.encode_spec([e.dtype for e in ents], lay.final, [e.shape for e in ents],
+                                                 strides))
+            # converted after the transfer: sent in a smaller dtype, or contiguous for a strided tensor
+            conv = [i for i, e in enumerate(ents)
+                    if lay.wire_dtype[i] is not None and (lay.wire_dtype[i] != e.dtype or e.strides is not None)]
             wire_views = ops.carve(w, ops.encode_spec([lay.wire_dtype[i] for i in conv],
                                                       [lay.wire[i] - lay.direct for i in conv],
                                                       [ents[i].shape for i in conv]))
             if lay is layout:  # an empty tensor gets a storage of its own: one grown later with
                 for i in empty:  # resize_ (observers' running min/max) must not write over its neighbours
-                    views[i] = torch.empty(ents[i].shape, dtype=ents[i].dtype, device=device)
+                    e = ents[i]
+                    views[i] = torch.empty_strided(e.shape, e.strides or ops.contiguous_strides(e.shape),
+                                                   dtype=e.dtype, device=device)
             part_views.append(views)
             conversions.append([(views[i], wv) for i, wv in zip(conv, wire_views)])
         if shd:  # this rank's shard of each sharded entry, at the start of its slot
@@ -359,6 +367,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
 
     local = [i for i in range(len(rep_entries)) if layout.wire_dtype[i] is None]
     empty = [i for i, e in enumerate(rep_entries) if not e.numel]
+    strided = any(e.strides is not None for e in rep_entries)
     # sharded tensors src does not send (a parameter transformers never saves): recomputed whole,
     # each rank keeping its box
     shd_missing = [k for k in range(len(shd_entries)) if shd_layout.wire_dtype[k] is None] if shd else []
@@ -661,7 +670,7 @@ def _warn_own_load_logic(module: nn.Module) -> None:
     """src reads a checkpoint into a plain module (not a transformers model, whose reference loader,
     from_pretrained, runs no module load hooks either) that has its own load logic: a class overriding
     `_load_from_state_dict` (outside torch.nn's own, which only upgrade old checkpoints) or load_state_dict
-    pre-hooks. materialize installs the checkpoint's tensors as they are; say so, naming the modules."""
+    pre-hooks (other than torch's own). materialize installs the checkpoint's tensors as they are; say so, naming the modules."""
     if "transformers" in sys.modules:
         from transformers import PreTrainedModel
 
@@ -676,10 +685,14 @@ def _warn_own_load_logic(module: nn.Module) -> None:
             got = classes[cls] = f is not base and not f.__module__.startswith("torch.nn.")
         return got
 
-    if not any(m._load_state_dict_pre_hooks or overrides(type(m)) for m in module.modules()):
+    def hooked(m) -> bool:  # torch's own pre-hooks (weight_norm's old key names) only rename keys
+        return any(not getattr(getattr(h, "hook", h), "__module__", "").startswith("torch.")
+                   for h in m._load_state_dict_pre_hooks.values())
+
+    if not any((m._load_state_dict_pre_hooks and hooked(m)) or overrides(type(m)) for m in module.modules()):
         return
     own = [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
-           if m._load_state_dict_pre_hooks or overrides(type(m))]
+           if (m._load_state_dict_pre_hooks and hooked(m)) or overrides(type(m))]
     if own:
         warnings.warn(
             f"fsdp_fastload.materialize: {len(own)} module(s) have their own load_state_dict logic "

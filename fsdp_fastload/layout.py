@@ -150,7 +150,8 @@ def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
     direct_ids, conv_ids, local_ids = [], [], []
     for i, e in enumerate(entries):
         w = wire[i]
-        (local_ids if w is None else direct_ids if w == e.dtype else conv_ids).append(i)
+        # (a strided entry travels contiguous, in the wire buffer, and is copied into place after)
+        (local_ids if w is None else direct_ids if w == e.dtype and e.strides is None else conv_ids).append(i)
 
     # Runs: entries back to back at their source keep their relative offsets (sent/read in one piece).
     spans: list[tuple[int, int, bool]] = []  # (start, end, sent as one piece at src), in offset order

@@ -22,7 +22,7 @@ class Entry:
     """
 
     __slots__ = ("names", "kind", "persistent", "dtype", "shape", "requires_grad", "cls", "tensor",
-                 "owners", "numel", "nbytes", "placement")
+                 "owners", "numel", "nbytes", "placement", "strides")
 
     def __init__(self, names: list[str], kind: str, persistent: bool, dtype: torch.dtype,
                  shape: tuple[int, ...], requires_grad: bool, cls: str, tensor: torch.Tensor | None,
@@ -32,6 +32,9 @@ class Entry:
         self.owners = [] if owners is None else owners
         # DTensor: (placements, mesh shape, mesh ranks), which must agree too; `shape` is global.
         self.placement = None
+        # a dense tensor laid out in another order (channels_last, a transposed parameter): its strides,
+        # which every rank's result keeps, as load_state_dict's in-place copy does; None: contiguous
+        self.strides: tuple[int, ...] | None = None
         if numel is None:
             numel = 1
             for d in shape:
@@ -48,7 +51,7 @@ class Entry:
         `from_pretrained` and the same architecture built on meta may differ in it (transformers 5
         drops `requires_grad=False` on load, e.g. Whisper's sinusoidal positions)."""
         return (tuple(self.names), self.kind, self.persistent, str(self.dtype), self.shape,
-                self.cls, self.placement)
+                self.cls, self.placement, self.strides)
 
 
 def owner_table(mod: nn.Module, attr: str, kind: str) -> dict:
@@ -106,6 +109,8 @@ def build_manifest(module: nn.Module) -> list[Entry]:
                     add(e)
                     if e.cls == "DTensor":
                         e.placement = _placement(t, meshes, places)
+                    elif not t.is_contiguous():
+                        e.strides = dense_strides(t)
                     continue
                 # a tie: the same tensor object under another name
                 e.kind, e.persistent = "param", True
@@ -125,6 +130,8 @@ def build_manifest(module: nn.Module) -> list[Entry]:
                         add(e)
                         if e.cls == "DTensor":
                             e.placement = _placement(t, meshes, places)
+                        elif not t.is_contiguous():
+                            e.strides = dense_strides(t)
                         continue
                     if attr not in non_persistent:
                         e.persistent = True
@@ -135,6 +142,25 @@ def build_manifest(module: nn.Module) -> list[Entry]:
         if children:
             push([(child, f"{dot}{name}.") for name, child in reversed(children.items()) if child is not None])
     return entries
+
+
+def dense_strides(t: torch.Tensor) -> tuple[int, ...] | None:
+    """`t`'s strides if it is dense and non-overlapping in some order of its dimensions (exactly
+    `numel` elements, e.g. channels_last or transposed), else None: an expanded or overlapping
+    tensor is materialized contiguous, as its values cannot be written in place anyway.
+
+    Example::
+
+        >>> dense_strides(torch.empty(3, 4).t()), dense_strides(torch.empty(3, 1).expand(3, 4))
+        ((1, 4), None)
+    """
+    dims = sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1)
+    expected = 1
+    for st, n in dims:
+        if st != expected:
+            return None
+        expected *= n
+    return tuple(t.stride())
 
 
 def _placement(t, meshes: dict, places: dict) -> tuple:
@@ -178,6 +204,7 @@ def fingerprint(entries: list[Entry], extra: tuple = ()) -> int:
     # other classes by name; DTensor placements as codes into the table of distinct ones (a model's
     # placements repeat: spelling each out cost ~1.5 us per DTensor)
     rare = [(i, e.cls) for i, e in enumerate(entries) if e.cls not in cls]
+    rare += [(i, e.strides) for i, e in enumerate(entries) if e.strides is not None]
     table: dict = {}
     places = [table.setdefault(e.placement, len(table)) if e.placement else -1 for e in entries]
     h.update(array.array("q", places).tobytes())
@@ -185,7 +212,7 @@ def fingerprint(entries: list[Entry], extra: tuple = ()) -> int:
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
-_FIELDS = ("kind", "persistent", "dtype", "shape", "class", "placement")
+_FIELDS = ("kind", "persistent", "dtype", "shape", "class", "placement", "strides")
 
 
 def first_difference(ref: list[tuple], ref_rank: int, other: list[tuple], other_rank: int) -> str:
@@ -204,6 +231,10 @@ def first_difference(ref: list[tuple], ref_rank: int, other: list[tuple], other_
                         a, b = ("persistent" if v else "non-persistent" for v in (d[i], o[i]))
                         return (f"buffer '{name}' is {a} on rank {ref_rank} but {b} on rank "
                                 f"{other_rank}")
+                    if fname == "strides":  # None: contiguous
+                        a, b = (f"strides {v}" if v else "contiguous layout" for v in (d[i], o[i]))
+                        return (f"'{name}' has {a} on rank {ref_rank} but {b} on rank {other_rank} (a memory "
+                                "format, e.g. channels_last, set on some ranks only)")
                     return f"'{name}' has {fname} {d[i]} on rank {ref_rank} but {o[i]} on rank {other_rank}"
             if set(d[0]) != set(o[0]):
                 return (f"'{name}' is tied to {sorted(set(d[0]) - {name}) or 'nothing'} on rank {ref_rank} "

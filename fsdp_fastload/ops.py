@@ -76,7 +76,8 @@ def encode_spec(dtypes: Sequence[torch.dtype], offsets: Sequence[int],
     return list(chain.from_iterable((c, o, len(s), *s, *st) for c, o, s, st in zip(codes, offsets, shapes, strides)))
 
 
-def _contiguous_strides(shape: Sequence[int]) -> list[int]:
+def contiguous_strides(shape: Sequence[int]) -> list[int]:
+    """The strides of a contiguous tensor of `shape` (a size-0 dimension counts as 1)."""
     strides, acc = [0] * len(shape), 1
     for d in range(len(shape) - 1, -1, -1):
         strides[d] = acc
@@ -98,7 +99,7 @@ def _decode_spec(spec: Sequence[int]):
         if ndim > 64 or i + 3 + words > n:
             raise RuntimeError(f"fsdp_fastload carve: bad ndim {raw}")
         sizes = list(spec[i + 3:i + 3 + ndim])
-        strides = _contiguous_strides(sizes) if contiguous else list(spec[i + 3 + ndim:i + 3 + 2 * ndim])
+        strides = contiguous_strides(sizes) if contiguous else list(spec[i + 3 + ndim:i + 3 + 2 * ndim])
         yield _DTYPES[code], off, sizes, strides
         i += 3 + words
 

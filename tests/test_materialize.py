@@ -318,6 +318,10 @@ def _error_cases(rank):
                             r"rank 1: device='gpu' is not usable on this rank \(.*\)\. Pass 'cpu'"),
         "verify_one_rank": (lambda r: lin()(r), {"verify": rank == 0},
                             r"the models agree but the ranks passed different src= or verify= values"),
+        "memory_format": (lambda r: nn.Conv2d(2, 4, 3, device=on(r)).to(
+                              memory_format=torch.channels_last if r == 1 else torch.contiguous_format), {},
+                          r"'weight' has contiguous layout on rank 0 but strides \(18, 1, 6, 2\) on rank 1 \(a "
+                          r"memory format, e\.g\. channels_last, set on some ranks only\)"),
         "extra_layer": (lambda r: lin(extra=(r == 0))(r), {}, r"'2.weight' exists on rank 0 but not on rank 1"),
         "dtype": (lambda r: lin(dtype=torch.float64 if r else torch.float32)(r), {},
                   r"'1.weight' has dtype torch.float32 on rank 0 but torch.float64 on rank 1"),

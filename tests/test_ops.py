@@ -29,7 +29,7 @@ def _spec():
             dtypes.append(dt)
             offsets.append(off)
             shapes.append(shape)
-            strides.append(stride if stride is not None else ops._contiguous_strides(shape))
+            strides.append(stride if stride is not None else ops.contiguous_strides(shape))
             off += 128
     return ops.encode_spec(dtypes, offsets, shapes, strides), off
 
@@ -304,7 +304,7 @@ def test_carve_contiguous_spec_matches_explicit_strides():
     shapes = [(3, 5), (7,), (), (0, 4), (2, 3, 4)]
     offsets = [0, 64, 128, 192, 256]
     short = ops.encode_spec(dtypes, offsets, shapes)
-    full = ops.encode_spec(dtypes, offsets, shapes, [ops._contiguous_strides(s) for s in shapes])
+    full = ops.encode_spec(dtypes, offsets, shapes, [ops.contiguous_strides(s) for s in shapes])
     assert len(short) < len(full)
     flat = ops.alloc(512, "cpu")
     for impl in (ops.carve, ops._carve_ref):

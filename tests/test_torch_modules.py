@@ -43,6 +43,7 @@ def _cases():
                                               nn.InstanceNorm2d(4, affine=True, track_running_stats=True))),
                                  lambda: (torch.randn(2, 3, 6, 6),)),
         "embedding_bilinear": (_EmbeddingBilinear, lambda: (torch.tensor([[0, 3, 9]]),)),
+        "memory_formats": (_MemoryFormats, lambda: (torch.randn(2, 3, 9, 9), torch.randn(5, 12))),
     }
 
 
@@ -54,6 +55,23 @@ class _EmbeddingBilinear(nn.Module):
     def forward(self, ids):
         x = self.e(ids)
         return self.b(x, x)
+
+
+NOT_FSDP2 = {"memory_formats"}  # fully_shard refuses non-contiguous parameters (torch 2.13)
+
+
+class _MemoryFormats(nn.Module):
+    """Tensors laid out in another order than contiguous: a channels_last conv weight, a transposed
+    parameter, a channels_last buffer. Their strides pick the kernels (and so the rounding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3).to(memory_format=torch.channels_last)
+        self.w = nn.Parameter(torch.randn(40, 12).t())
+        self.register_buffer("scale", torch.rand(2, 16, 7, 7).to(memory_format=torch.channels_last))
+
+    def forward(self, x, y):
+        return torch.cat([(self.conv(x) * self.scale).flatten(), (y @ self.w).flatten(), self.w.sum(0)])
 
 
 def _reference(build, inputs):
@@ -77,6 +95,8 @@ def _worker(rank, world, flow, ckpt_dir):
 
     out = {}
     for name, (build, inputs) in _cases().items():
+        if flow == "fsdp2" and name in NOT_FSDP2:
+            continue
         ref = _reference(build, inputs)
         model = models.replica(build, ref, real=rank == 0 and flow == "model").eval()
         if flow == "fsdp2":
@@ -89,6 +109,9 @@ def _worker(rank, world, flow, ckpt_dir):
         got = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
         want = ref.state_dict()
         bad = [k for k in want if k not in got or got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
+        # the skeleton's layout kept (load_state_dict copies in place); FSDP2's shards are its own
+        bad += [f"{k}: strides {t.stride()} != {want[k].stride()}" for k, t in model.state_dict().items()
+                if type(t) is torch.Tensor and t.stride() != want[k].stride()]
         if not bad and not torch.equal(_forward(model, inputs), _forward(ref, inputs)):
             bad.append("forward output differs")
         out[name] = bad
