@@ -14,15 +14,15 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops, shard
-from .agree import MaterializeError, agree
+from .agree import MaterializeError, _peer_errors, agree
 from .buffers import POISON, recompute
 from .comm import Broadcasts, _sentence, first_line, pack_all
-from .fill import Meanwhile, Packer, broadcast_fill
+from .fill import Meanwhile, Packer, broadcast_fill, read_file_tensor
 from .install import commit as commit_install
 from .install import prepare as prepare_install
 from .layout import ALIGN, Layout, memory_facts, plan
 from .manifest import Entry, build_manifest, fingerprint, summary
-from .source import CheckpointError, hf_renamed, match, open_source
+from .source import CheckpointError, FileTensor, hf_renamed, match, open_source
 from .verify import verify as _verify
 
 logger = logging.getLogger("fsdp_fastload")
@@ -183,8 +183,9 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
     if error is None and distributed and device.type == "cpu" and "gloo" not in backend:
         error = (f"backend '{backend}' cannot broadcast CPU tensors (device={device}). "
                  "Use a gloo process group for CPU targets, or pass a CUDA device.")
+    extra_mods: list = []  # (path, module) of modules with extra state (get_extra_state)
     try:
-        entries = build_manifest(module)
+        entries = build_manifest(module, extra_mods)
     except Exception as e:  # noqa: BLE001  (e.g. a lazy module's uninitialized parameter): every rank hears it
         entries, error = [], error or _unreadable_module(module, e)
     _warn_kept_in_fp32(module, entries, rank)
@@ -206,9 +207,11 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
         error = next((g for g in geos if isinstance(g, str)), None)
     slots = shard.slot_entries(shd_entries, geos) if shd and error is None else []
     src_plan = None
+    extra_values: dict | None = None  # src: module path -> extra state to give every rank
     if error is None and is_src and state_dict is not None:
         try:
             source = open_source(state_dict)
+            extra_values = _extra_from_checkpoint(source, extra_mods)
             unsaved = _unsaved(module)
             src_plan, error = match(entries, source, strict=opts["strict"], unsaved=unsaved)
             if error is not None:  # keys transformers renames on load (embed_out -> lm_head, ...)?
@@ -228,6 +231,11 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
         if src_plan is not None and src_plan.unexpected:
             warnings.warn(f"fsdp_fastload.materialize: {len(src_plan.unexpected)} checkpoint key(s) not "
                           f"in the model were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
+    if error is None and is_src and extra_mods and state_dict is None:
+        try:  # src's own modules' extra state, for the receivers
+            extra_values = {path: m.get_extra_state() for path, m in extra_mods}
+        except Exception as e:  # noqa: BLE001  every rank hears it before any data moves
+            error = f"get_extra_state() of a module failed on src: {_sentence(e)}"
     layout = shd_layout = None
     sources = wire_all = facts = rep_sources = None
     if error is None and is_src:
@@ -236,7 +244,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
                 entries, rep, rep_entries, shd, slots, src_plan, opts, world=len(ranks))
         except Exception as e:  # noqa: BLE001  src cannot plan: every rank hears why before any data moves
             error = f"planning the transfer failed: {_sentence(e)}"
-    fp = fingerprint(entries, (src, bool(verify))) if distributed else 0
+    fp = fingerprint(entries, (src, bool(verify), [path for path, _ in extra_mods])) if distributed else 0
     # CPU targets: the flat buffer is allocated now (a rank that cannot have it says so in the
     # agreement) and its pages faulted in on a background thread while this rank waits for src's
     # plan, then ahead of the transfer (receivers size it from their own manifest; a layout that
@@ -284,6 +292,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
                 packer, failed = _Unpacked(), _preparing_failed(e)
             problem = broadcast_fill(None, layout, is_src=True, packer=packer, **fill)
             _settle(failed or problem, **settle)
+            _share_extra_state(extra_mods, extra_values, **settle)  # src keeps its own
         t_fill = time.perf_counter()
         if verify and distributed:
             _verify(entries, [e.tensor for e in entries], group=group, src=src, rank=rank,
@@ -415,6 +424,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
         problems.append(recomputed[0] if recomputed else None)
     # 5. one agreement after every fill: all ranks raise together, or all go on to install.
     _settle(next((p for p in problems if p), None), **settle)
+    extra_values = _share_extra_state(extra_mods, extra_values, **settle)
     views = part_views[0]
     for pairs in conversions:
         for v, w in pairs:
@@ -437,12 +447,58 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
     commit_install(rep_entries, prepared)
     if shd:
         shard.install_shards(shd_entries, part_views[1], shd_prepared)
+    if extra_values and not (is_src and state_dict is None):  # src of a module keeps its own
+        _set_extra_state(extra_mods, extra_values, rank)
     t_end = time.perf_counter()
 
     _log(rank=rank, is_src=is_src, entries=entries, layouts=[lay for lay, _ in parts], device=device,
          phases={"agree": t_agree - t_start, "alloc": t_alloc - t_agree, "fill": t_fill - t_alloc,
                  "install": t_end - t_fill})
     return module
+
+
+def _extra_from_checkpoint(source: dict, extra_mods: list) -> dict | None:
+    """The `<path>._extra_state` values of the modules with extra state, taken out of `source` (so
+    they are not unexpected tensors); a safetensors entry is read whole. Warns about those missing."""
+    if not extra_mods:
+        return None
+    out, missing = {}, []
+    for path, _ in extra_mods:
+        v = source.pop(f"{path}._extra_state" if path else "_extra_state", None)
+        if v is None:
+            missing.append(path or "<root>")
+        else:
+            out[path] = read_file_tensor(v) if isinstance(v, FileTensor) else v
+    if missing:
+        warnings.warn(f"fsdp_fastload.materialize: the checkpoint has no extra state (`_extra_state`) for "
+                      f"{len(missing)} module(s) that keep one, e.g. {missing[:5]}: they keep their own "
+                      "(set_extra_state is not called).", stacklevel=4)
+    return out
+
+
+def _share_extra_state(extra_mods: list, values: dict | None, *, distributed: bool, group, src: int, rank: int,
+                       comm_device) -> dict | None:
+    """src's extra state for every rank (one object broadcast after the fill's agreement, when the
+    modules have any: the fingerprint made sure every rank has the same such modules)."""
+    if not extra_mods or not distributed:
+        return values
+    box = [values]
+    with _peer_errors(rank):
+        dist.broadcast_object_list(box, src=src, group=group,
+                                   device=comm_device if comm_device.type == "cuda" else None)
+    return box[0]
+
+
+def _set_extra_state(extra_mods: list, values: dict, rank: int) -> None:
+    for path, m in extra_mods:
+        if path in values:
+            try:
+                m.set_extra_state(values[path])
+            except Exception as e:
+                raise MaterializeError(
+                    f"fsdp_fastload.materialize (rank {rank}): set_extra_state of '{path or '<root>'}' "
+                    f"({type(m).__name__}) failed: {_sentence(e)} Its tensors are installed; its extra "
+                    "state is not.") from e
 
 
 def _plan_src(entries: list[Entry], rep: list[int], rep_entries: list[Entry], shd: list[int],

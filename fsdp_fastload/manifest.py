@@ -73,10 +73,15 @@ def mesh_grid(mesh, cache: dict) -> tuple[tuple[int, ...], list[int]]:
     return got[1], got[2]
 
 
-def build_manifest(module: nn.Module) -> list[Entry]:
+_NO_EXTRA_STATE = nn.Module.get_extra_state
+
+
+def build_manifest(module: nn.Module, extra_state: list | None = None) -> list[Entry]:
     """Walk `module` once: parameters and buffers in registration order, ties folded into one entry.
 
     A module reached twice (a shared submodule) adds names to the entries of its tensors, not owners.
+    `extra_state`, if given, collects (path, module) of the modules with extra state (a class that
+    overrides `get_extra_state`: its state_dict has a `_extra_state` entry).
     A tensor that is a parameter anywhere is a parameter (and persistent); a buffer is persistent if
     any of its names is.
     """
@@ -95,6 +100,9 @@ def build_manifest(module: nn.Module) -> list[Entry]:
     pop, push = stack.pop, stack.extend
     while stack:
         mod, dot = pop()
+        if extra_state is not None and type(mod).get_extra_state is not _NO_EXTRA_STATE:
+            if not any(m is mod for _, m in extra_state):
+                extra_state.append((dot[:-1], mod))
         params, buffers = mod._parameters, mod._buffers
         if params or buffers:
             first = id(mod) not in seen

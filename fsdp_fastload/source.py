@@ -176,7 +176,8 @@ def checkpoint_files(path: str) -> list[str]:
 def open_source(state_dict) -> dict[str, torch.Tensor | FileTensor]:
     """name -> tensor (mapping source) or FileTensor (safetensors source), validated."""
     if isinstance(state_dict, Mapping):
-        bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+        bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)  # (extra state: any object)
+               and not (k == "_extra_state" or k.endswith("._extra_state"))]
         if bad:
             raise CheckpointError(f"state_dict values must be tensors; {bad[:5]} are not")
         return dict(state_dict)

@@ -662,3 +662,93 @@ def _odd_values_worker(rank, world, flow):
 def test_conjugate_views_grad_buffers_and_empty_tensors_grown_later(flow):
     for rank, bad in enumerate(run_ranks(_odd_values_worker, 2, flow, timeout=120)):
         assert bad == [], f"rank {rank}: {bad}"
+
+
+class _WithExtraState(nn.Module):
+    """A module with extra state (like TransformerEngine's FP8 metadata): an object beside its tensors."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.inner = nn.Sequential(_Scaled(scale))
+
+    def forward(self, x):
+        return self.inner(self.lin(x))
+
+
+class _Scaled(nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale, self.history = scale, [scale]
+
+    def forward(self, x):
+        return x * self.scale
+
+    def get_extra_state(self):
+        return {"scale": self.scale, "history": list(self.history), "amax": torch.tensor([self.scale * 2])}
+
+    def set_extra_state(self, state):
+        self.scale, self.history = state["scale"], list(state["history"])
+        self.amax = state["amax"].clone()
+
+
+def _extra_state_worker(rank, world, flow):
+    from fsdp_fastload import materialize
+
+    torch.manual_seed(0)
+    ref = _WithExtraState(scale=3.0)
+    ref.inner[0].history.append(5.0)
+    sd = ref.state_dict()
+    if flow == "model" and rank == 0:
+        model = ref
+    else:
+        model = _WithExtraState().to("meta")
+    materialize(model, "cpu", state_dict=sd if flow == "mapping" and rank == 0 else None)
+    single = _WithExtraState()
+    single.load_state_dict(sd)
+    x = torch.randn(2, 3)
+    got = model.inner[0]
+    return [what for what, ok in [
+        ("scale", got.scale == 3.0), ("history", got.history == [3.0, 5.0]),
+        ("amax", rank == 0 and flow == "model" or torch.equal(got.amax, torch.tensor([6.0]))),
+        ("forward", torch.equal(model(x), single(x)))] if not ok]
+
+
+@pytest.mark.parametrize("flow", ["model", "mapping"])
+def test_extra_state_reaches_every_rank(flow):
+    for rank, bad in enumerate(run_ranks(_extra_state_worker, 2, flow, timeout=120)):
+        assert bad == [], f"rank {rank}: {bad}"
+
+
+class _TensorExtraState(nn.Module):
+    """Extra state kept as a tensor (TransformerEngine serializes its FP8 metadata into a uint8 tensor),
+    which a safetensors checkpoint can hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.meta_bytes = torch.zeros(4, dtype=torch.uint8)
+
+    def get_extra_state(self):
+        return self.meta_bytes
+
+    def set_extra_state(self, state):
+        self.meta_bytes = state.clone()
+
+
+def _tensor_extra_state_worker(rank, world, path):
+    from fsdp_fastload import materialize
+
+    model = nn.Sequential(_TensorExtraState()).to("meta")
+    materialize(model, "cpu", state_dict=path if rank == 0 else None)
+    return model[0].meta_bytes.tolist()
+
+
+def test_extra_state_tensor_from_a_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    ref = nn.Sequential(_TensorExtraState())
+    ref[0].meta_bytes = torch.tensor([7, 1, 2, 9], dtype=torch.uint8)
+    path = str(tmp_path / "model.safetensors")
+    save_file(ref.state_dict(), path)
+    assert run_ranks(_tensor_extra_state_worker, 2, path, timeout=120) == [[7, 1, 2, 9]] * 2
