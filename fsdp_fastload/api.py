@@ -61,7 +61,8 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
        passes ``state_dict=None`` and a ``module`` of the same architecture, usually on ``meta``.
     2. Afterwards, on every rank: every parameter and buffer is on ``device`` and bit-identical to
        what single-process loading gives; ties are one object under every name; ``nn.Parameter``
-       kept, ``requires_grad`` as on src; the module's dtypes win over the checkpoint's.
+       kept, ``requires_grad`` as on src; the module's dtypes win over the checkpoint's; each tensor
+       keeps its skeleton's layout (strides); modules' extra state (``get_extra_state``) comes from src.
     3. Non-persistent buffers come from src when it has them; otherwise every rank recomputes them
        locally (transformers ``_init_weights``, the module's ``reset_parameters``/``init_weights``,
        or ``buffer_init``) without touching anything loaded. A buffer nobody wrote is an error.
@@ -726,7 +727,8 @@ def _warn_own_load_logic(module: nn.Module) -> None:
     """src reads a checkpoint into a plain module (not a transformers model, whose reference loader,
     from_pretrained, runs no module load hooks either) that has its own load logic: a class overriding
     `_load_from_state_dict` (outside torch.nn's own, which only upgrade old checkpoints) or load_state_dict
-    pre-hooks (other than torch's own). materialize installs the checkpoint's tensors as they are; say so, naming the modules."""
+    pre-hooks (other than torch's own). materialize installs the checkpoint's tensors as they are; say
+    so, naming the modules."""
     if "transformers" in sys.modules:
         from transformers import PreTrainedModel
 
