@@ -629,7 +629,8 @@ def _recompute(module: nn.Module, entries: list[Entry], rep: list[int], views: l
     tensor into a temporary one, of which each rank keeps its box."""
     for i in local:
         if views[i].numel():
-            ops.poison_(views[i].view(-1).view(torch.uint8), POISON)
+            v = views[i]  # its bytes (a strided view of a dense tensor covers exactly its span)
+            ops.poison_(v.as_strided((v.numel(),), (1,)).view(torch.uint8), POISON)
     all_views: list = [None] * len(entries)
     for k, i in enumerate(rep):
         all_views[i] = views[k]

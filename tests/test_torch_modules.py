@@ -69,9 +69,23 @@ class _MemoryFormats(nn.Module):
         self.conv = nn.Conv2d(3, 16, 3).to(memory_format=torch.channels_last)
         self.w = nn.Parameter(torch.randn(40, 12).t())
         self.register_buffer("scale", torch.rand(2, 16, 7, 7).to(memory_format=torch.channels_last))
+        self.offsets = _Offsets()  # a non-persistent channels_last buffer: recomputed from a checkpoint
 
     def forward(self, x, y):
-        return torch.cat([(self.conv(x) * self.scale).flatten(), (y @ self.w).flatten(), self.w.sum(0)])
+        return torch.cat([(self.conv(x) * self.scale + self.offsets.grid).flatten(), (y @ self.w).flatten(),
+                          self.w.sum(0)])
+
+
+class _Offsets(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("grid", torch.empty(1, 16, 7, 7).to(memory_format=torch.channels_last),
+                             persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.grid.copy_(torch.arange(16 * 7 * 7, dtype=torch.float32).reshape(1, 16, 7, 7) / 100)
 
 
 def _reference(build, inputs):
@@ -110,8 +124,9 @@ def _worker(rank, world, flow, ckpt_dir):
         want = ref.state_dict()
         bad = [k for k in want if k not in got or got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
         # the skeleton's layout kept (load_state_dict copies in place); FSDP2's shards are its own
-        bad += [f"{k}: strides {t.stride()} != {want[k].stride()}" for k, t in model.state_dict().items()
-                if type(t) is torch.Tensor and t.stride() != want[k].stride()]
+        mine, theirs = dict(model.named_buffers()), dict(ref.named_buffers())  # non-persistent ones too
+        bad += [f"{k}: strides {t.stride()} != {theirs[k].stride()}" for k, t in {**model.state_dict(), **mine}.items()
+                if type(t) is torch.Tensor and t.stride() != (theirs.get(k) if k in theirs else want[k]).stride()]
         if not bad and not torch.equal(_forward(model, inputs), _forward(ref, inputs)):
             bad.append("forward output differs")
         out[name] = bad
