@@ -627,18 +627,19 @@ def _recompute(module: nn.Module, entries: list[Entry], rep: list[int], views: l
     the error text or None (see `buffers.recompute`). `sharded`: entry index -> (this rank's local
     shard view, its (shape, offset) box) of DTensors nobody sends: an initializer writes the whole
     tensor into a temporary one, of which each rank keeps its box."""
+    def poison(t: torch.Tensor) -> None:  # its bytes: a dense tensor, strided or not, covers its span
+        if t.numel():
+            ops.poison_(t.as_strided((t.numel(),), (1,)).view(torch.uint8), POISON)
+
     for i in local:
-        if views[i].numel():
-            v = views[i]  # its bytes (a strided view of a dense tensor covers exactly its span)
-            ops.poison_(v.as_strided((v.numel(),), (1,)).view(torch.uint8), POISON)
+        poison(views[i])
     all_views: list = [None] * len(entries)
     for k, i in enumerate(rep):
         all_views[i] = views[k]
     for i in sharded:
         e = entries[i]
         all_views[i] = full = torch.empty(e.shape, dtype=e.dtype, device=device)
-        if full.numel():
-            ops.poison_(full.view(-1).view(torch.uint8), POISON)
+        poison(full)
     error = recompute(module, entries, all_views, [rep[i] for i in local] + list(sharded), buffer_init)
     if error is None:
         for i, (mine, (shape, offset)) in sharded.items():

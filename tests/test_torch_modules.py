@@ -124,9 +124,10 @@ def _worker(rank, world, flow, ckpt_dir):
         want = ref.state_dict()
         bad = [k for k in want if k not in got or got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
         # the skeleton's layout kept (load_state_dict copies in place); FSDP2's shards are its own
-        mine, theirs = dict(model.named_buffers()), dict(ref.named_buffers())  # non-persistent ones too
-        bad += [f"{k}: strides {t.stride()} != {theirs[k].stride()}" for k, t in {**model.state_dict(), **mine}.items()
-                if type(t) is torch.Tensor and t.stride() != (theirs.get(k) if k in theirs else want[k]).stride()]
+        have = {**model.state_dict(), **dict(model.named_buffers())}  # non-persistent buffers too
+        ref_all = {**want, **dict(ref.named_buffers())}
+        bad += [f"{k}: strides {t.stride()} != {ref_all[k].stride()}" for k, t in have.items()
+                if type(t) is torch.Tensor and t.stride() != ref_all[k].stride()]
         if not bad and not torch.equal(_forward(model, inputs), _forward(ref, inputs)):
             bad.append("forward output differs")
         out[name] = bad
