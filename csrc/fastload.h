@@ -20,6 +20,13 @@ at::Tensor alloc(int64_t nbytes, at::Device device, bool pin_memory);
 // spec is a flat int list: per view [dtype_code, byte_offset, ndim, sizes..., strides...].
 std::vector<at::Tensor> carve(const at::Tensor& flat, at::IntArrayRef spec);
 
+// The same pieces, each a tensor with a storage of its own (storage offset 0, exactly its bytes,
+// resizable through the device's allocator) over the memory of `flat`, which stays allocated while
+// any piece lives; on CPU a dead piece's whole pages are returned to the kernel at once. What a
+// loaded model's tensors are: torch.save, pickle, deepcopy and resize_ see one tensor's bytes, as
+// after one allocation per tensor. On meta: views.
+std::vector<at::Tensor> carve_owned(const at::Tensor& flat, at::IntArrayRef spec);
+
 // Fill every byte of the 1-D contiguous uint8 tensor `flat` with `value` (0..255).
 // 0xFF reads as NaN in every IEEE float dtype (fp64/32/16, bf16, fp8) and -1 in signed ints.
 void poison_(at::Tensor& flat, int64_t value);

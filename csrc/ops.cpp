@@ -58,8 +58,37 @@ at::Tensor alloc(int64_t nbytes, at::Device device, bool pin_memory) {
   return at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).device(device).pinned_memory(pin_memory));
 }
 
-std::vector<at::Tensor> carve(const at::Tensor& flat, at::IntArrayRef spec) {
-  check_flat(flat, "fsdp_fastload carve");
+namespace {
+
+// What an owned piece's storage holds on to: the flat buffer's storage, released with the piece. On
+// CPU the piece's whole pages go back to the kernel at once (madvise DONTNEED) while its neighbours
+// live on, so a model whose parameters are replaced (wrapped by FSDP1, cast with .half(), an
+// embedding resized) does not keep their memory resident; on CUDA the block is freed with the last.
+struct Piece {
+  c10::Storage base;
+  char* start;
+  int64_t nbytes;
+};
+
+void release_piece(void* ctx) {
+  auto* piece = static_cast<Piece*>(ctx);
+  static const int64_t page = ::sysconf(_SC_PAGESIZE);
+  if (piece->base.device_type() == c10::DeviceType::CPU && piece->nbytes >= page && page > 0 &&
+      piece->base.use_count() > 1) {  // others still hold the buffer (the last one frees it whole)
+    const auto a = (reinterpret_cast<uintptr_t>(piece->start) + page - 1) / page * page;
+    const auto b = (reinterpret_cast<uintptr_t>(piece->start) + piece->nbytes) / page * page;
+    if (b > a) ::madvise(reinterpret_cast<void*>(a), b - a, MADV_DONTNEED);
+  }
+  delete piece;
+}
+
+std::vector<at::Tensor> carve_impl(const at::Tensor& flat, at::IntArrayRef spec, bool owned) {
+  check_flat(flat, owned ? "fsdp_fastload carve_owned" : "fsdp_fastload carve");
+  // Owned pieces on CPU/CUDA: a storage of their own (offset 0, exactly their bytes) over the flat
+  // buffer's memory, as if allocated one by one; on meta, views.
+  owned = owned && (flat.is_cpu() || flat.is_cuda());
+  c10::Allocator* allocator = owned ? c10::GetAllocator(flat.device().type()) : nullptr;
+  char* data = owned ? static_cast<char*>(flat.data_ptr()) : nullptr;
   const int64_t nbytes = flat.numel();
   const int64_t base = flat.storage_offset();  // bytes, since flat is uint8
   const auto* ptr = spec.data();
@@ -103,12 +132,39 @@ std::vector<at::Tensor> carve(const at::Tensor& flat, at::IntArrayRef spec) {
     const int64_t extent = empty ? 0 : (max_index + 1) * itemsize;
     TORCH_CHECK(offset + extent <= nbytes, "fsdp_fastload carve: view ", out.size(), " spans bytes [",
                 offset, ", ", offset + extent, ") outside the buffer of ", nbytes, " bytes");
+    if (owned) {
+      // Resizable through the device's allocator, like a storage torch.empty made: growing it moves
+      // it to memory of its own instead of writing over its neighbours.
+      // An empty piece holds no memory (a null pointer, as torch.empty(0)): no two storages of
+      // different dtypes may start at one address (torch.save refuses them), nor keep the buffer.
+      c10::DataPtr ptr(nullptr, flat.device());
+      if (extent > 0) {
+        auto* piece = new Piece{flat.storage(), data + offset, extent};
+        ptr = c10::DataPtr(data + offset, piece, &release_piece, flat.device());
+      }
+      c10::Storage storage(c10::Storage::use_byte_size_t(), extent, std::move(ptr), allocator, true);
+      auto t = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), flat.key_set(),
+                                                        c10::scalarTypeToTypeMeta(dtype));
+      t.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides, 0);
+      out.push_back(std::move(t));
+      continue;
+    }
     auto t = at::detail::make_tensor<c10::TensorImpl>(
         c10::Storage(flat.storage()), flat.key_set(), c10::scalarTypeToTypeMeta(dtype));
     t.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides, (base + offset) / itemsize);
     out.push_back(std::move(t));
   }
   return out;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> carve(const at::Tensor& flat, at::IntArrayRef spec) {
+  return carve_impl(flat, spec, false);
+}
+
+std::vector<at::Tensor> carve_owned(const at::Tensor& flat, at::IntArrayRef spec) {
+  return carve_impl(flat, spec, true);
 }
 
 void poison_(at::Tensor& flat, int64_t value) {
@@ -256,6 +312,8 @@ void copy_ranges(at::Tensor& dst, at::TensorList srcs, at::IntArrayRef src_offse
 TORCH_LIBRARY(fsdp_fastload, m) {
   m.def("alloc(int nbytes, Device device, bool pin_memory=False) -> Tensor");
   m.def("carve(Tensor(a -> *) flat, int[] spec) -> Tensor(a)[]");
+  // The same pieces, each with a storage of its own over the buffer's memory (no storage aliasing).
+  m.def("carve_owned(Tensor flat, int[] spec) -> Tensor[]");
   m.def("poison_(Tensor(a!) flat, int value=255) -> ()");
   m.def("prefault(Tensor flat) -> bool");
   m.def("copy_ranges(Tensor(a!) dst, Tensor[] srcs, int[] src_offsets, int[] dst_offsets, int[] lengths) -> ()");
@@ -268,6 +326,7 @@ TORCH_LIBRARY_IMPL(fsdp_fastload, CompositeExplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(fsdp_fastload, CPU, m) {
   m.impl("carve", &carve);
+  m.impl("carve_owned", &carve_owned);
   m.impl("poison_", &poison_);
   m.impl("read_ranges", &read_ranges);
   m.impl("copy_ranges", &copy_ranges);
@@ -278,6 +337,7 @@ TORCH_LIBRARY_IMPL(fsdp_fastload, CPU, m) {
 // (poison_ dispatches to ATen's fill on non-CPU devices).
 TORCH_LIBRARY_IMPL(fsdp_fastload, CUDA, m) {
   m.impl("carve", &carve);
+  m.impl("carve_owned", &carve_owned);
   m.impl("copy_ranges", &copy_ranges);
   m.impl("poison_", &poison_);
 }

@@ -179,12 +179,50 @@ void test_carve_contiguous_spec() {
   EXPECT(throws([&] { carve.call(flat, std::vector<int64_t>{6, 0, -3, 2}); }));
 }
 
+void test_carve_owned() {
+  using Carve = std::vector<at::Tensor>(const at::Tensor&, at::IntArrayRef);
+  auto owned = op("fsdp_fastload::carve_owned").typed<Carve>();
+  const int64_t page = ::sysconf(_SC_PAGESIZE);
+  at::Tensor flat = fsdp_fastload::alloc(8 * page, at::Device("cpu"), false);
+  flat.fill_(0x11);
+  // float32 [2,3] at 0, a 3-page int64 piece at 1 page, empty bf16 at 4 pages, uint8 [page] at 5 pages
+  std::vector<int64_t> spec = {6, 0, -3, 2, 3,  4, page, -2, 3 * page / 8,  11, 4 * page, -2, 0,
+                               0, 5 * page, -2, page};
+  auto v = owned.call(flat, spec);
+  EXPECT(v.size() == 4);
+  // each its own storage at offset 0, exactly its bytes, over the buffer's memory
+  EXPECT(v[0].storage_offset() == 0 && v[0].storage().nbytes() == 24 && v[0].data_ptr() == flat.data_ptr());
+  EXPECT(v[1].storage().nbytes() == size_t(3 * page) &&
+         static_cast<char*>(v[1].data_ptr()) == static_cast<char*>(flat.data_ptr()) + page);
+  EXPECT(v[2].numel() == 0 && v[2].storage().nbytes() == 0 && v[2].storage().data() == nullptr);
+  EXPECT(!v[0].storage().is_alias_of(v[1].storage()));
+  // a dead piece's whole pages go back to the kernel (read as zeros) while the buffer lives on
+  const auto* bytes = static_cast<const uint8_t*>(flat.data_ptr());
+  const auto mid = reinterpret_cast<uintptr_t>(bytes) + page;  // its whole pages: [first, last)
+  const auto* first = reinterpret_cast<const uint8_t*>((mid + page - 1) / page * page);
+  const auto* last = reinterpret_cast<const uint8_t*>((mid + 3 * page) / page * page);
+  v[1] = at::Tensor();
+  bool zero = last - first >= 2 * page;
+  for (const auto* p = first; p < last; ++p) zero = zero && *p == 0;
+  EXPECT(zero);
+  EXPECT(first[-1] == 0x11 || first == bytes + page);  // bytes outside its whole pages are kept
+  EXPECT(v[3][0].item<uint8_t>() == 0x11 && bytes[23] == 0x11);
+  // growing a piece moves it to memory of its own; its neighbour keeps its bytes
+  v[0].resize_({64}).fill_(1.0f);
+  EXPECT(v[0].data_ptr() != flat.data_ptr() && flat[0].item<uint8_t>() == 0x11);
+  // pieces outlive the buffer's last other reference
+  flat = at::Tensor();
+  EXPECT(v[3].sum().item<int64_t>() == 0x11 * page);
+  EXPECT(throws([&] { owned.call(fsdp_fastload::alloc(64, at::Device("cpu"), false), std::vector<int64_t>{6, 2, -2, 1}); }));
+}
+
 int main() {
   test_alloc();
   test_carve_and_poison();
   test_read_ranges();
   test_copy_ranges_and_prefault();
   test_carve_contiguous_spec();
+  test_carve_owned();
   if (failures) {
     std::fprintf(stderr, "%d C++ check(s) failed\n", failures);
     return 1;

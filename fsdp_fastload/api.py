@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import os
 import sys
 import time
@@ -343,8 +344,10 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
             strides = None
             if lay is layout and strided:  # channels_last, transposed: carved in their skeleton's order
                 strides = [e.strides or ops.contiguous_strides(e.shape) for e in ents]
-            views = ops.carve(m, ops.encode_spec([e.dtype for e in ents], lay.final, [e.shape for e in ents],
-                                                 strides))
+            # each its own storage over the buffer: torch.save, pickle, deepcopy and resize_ then see
+            # one tensor's bytes (a storage shared by all of them breaks each, differently)
+            views = ops.carve_owned(m, ops.encode_spec([e.dtype for e in ents], lay.final,
+                                                       [e.shape for e in ents], strides))
             # converted after the transfer: sent in a smaller dtype, or contiguous for a strided tensor
             conv = [i for i, e in enumerate(ents)
                     if lay.wire_dtype[i] is not None and (lay.wire_dtype[i] != e.dtype or e.strides is not None)]
@@ -358,10 +361,10 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
                                                    dtype=e.dtype, device=device)
             part_views.append(views)
             conversions.append([(views[i], wv) for i, wv in zip(conv, wire_views)])
-        if shd:  # this rank's shard of each sharded entry, at the start of its slot
-            lay, m = parts[1][0], bufs[1][0]
-            shd_local.extend(ops.carve(m, ops.encode_spec([e.dtype for e in shd_entries], lay.final,
-                                                          [g.boxes[me][0] for g in geos])))
+        if shd:  # this rank's shard of each sharded entry, at the start of its slot (its storage,
+            # offset 0, as FSDP2's own padded shard: a DTensor over an offset view does not pickle)
+            shd_local.extend(slot[:math.prod(g.boxes[me][0])].view(g.boxes[me][0])
+                             for slot, g in zip(part_views[1], geos))
         yield
         for a in range(0, len(rep_entries), _PIECE):
             prepared.extend(prepare_install(rep_entries[a:a + _PIECE], part_views[0][a:a + _PIECE]))

@@ -142,6 +142,26 @@ def _carve_ref(flat: torch.Tensor, spec: Sequence[int]) -> list[torch.Tensor]:
     return out
 
 
+def _carve_owned_ref(flat: torch.Tensor, spec: Sequence[int]) -> list[torch.Tensor]:
+    """`carve`'s pieces, each with a storage of its own over `flat`'s memory on CPU (through numpy,
+    which keeps `flat` alive; not resizable, no early page release); views elsewhere."""
+    views = _carve_ref(flat, spec)
+    if flat.device.type != "cpu":
+        return views
+    try:
+        whole = flat.numpy()
+    except (ImportError, RuntimeError):  # no numpy: views
+        return views
+    out = []
+    for v, (dtype, off, sizes, strides) in zip(views, _decode_spec(spec)):
+        extent = (sum((n - 1) * st for n, st in zip(sizes, strides)) + 1) * dtype.itemsize if v.numel() else 0
+        if not extent:  # no memory: no storage at the address of another piece
+            out.append(torch.empty_strided(sizes, strides, dtype=dtype))
+            continue
+        out.append(torch.from_numpy(whole[off:off + extent]).view(dtype).as_strided(sizes, strides))
+    return out
+
+
 def _poison_ref(flat: torch.Tensor, value: int = 255) -> None:
     _check_flat(flat, "fsdp_fastload poison_")
     if not 0 <= value <= 255:
@@ -238,6 +258,11 @@ def _register_fakes() -> None:
     def _(flat, spec):
         return _carve_ref(flat, spec)
 
+    @torch.library.register_fake(lib + "carve_owned")
+    def _(flat, spec):
+        return [torch.empty_strided(sizes, strides, dtype=dtype, device=flat.device)
+                for dtype, _, sizes, strides in _decode_spec(spec)]
+
     @torch.library.register_fake(lib + "poison_")
     def _(flat, value=255):
         return None
@@ -270,6 +295,25 @@ def carve(flat: torch.Tensor, spec: Sequence[int]) -> list[torch.Tensor]:
     if _load_extension() and flat.device.type in ("cpu", "cuda", "meta"):
         return torch.ops.fsdp_fastload.carve(flat, list(spec))
     return _carve_ref(flat, spec)
+
+
+def carve_owned(flat: torch.Tensor, spec: Sequence[int]) -> list[torch.Tensor]:
+    """`carve`'s pieces as a loaded model's tensors: each with a storage of its own (offset 0, exactly
+    its bytes) over `flat`'s memory, so that torch.save, pickle, deepcopy and resize_ see one tensor's
+    bytes, as after one allocation per tensor. The memory stays allocated while any piece lives; on
+    CPU (with the extension) a piece that dies returns its whole pages to the kernel at once. Views on
+    meta (and, without the extension, off CPU).
+
+    Example::
+
+        >>> flat = alloc(64, "cpu")
+        >>> a, b = carve_owned(flat, encode_spec([torch.float32] * 2, [0, 32], [(4,), (2, 2)]))
+        >>> b.untyped_storage().nbytes(), b.storage_offset(), b.data_ptr() - flat.data_ptr()
+        (16, 0, 32)
+    """
+    if _load_extension() and flat.device.type in ("cpu", "cuda", "meta"):
+        return torch.ops.fsdp_fastload.carve_owned(flat, list(spec))
+    return _carve_owned_ref(flat, spec)
 
 
 def poison_(flat: torch.Tensor, value: int = 255) -> torch.Tensor:

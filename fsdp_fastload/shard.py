@@ -449,8 +449,8 @@ def install_shards(entries: list[Entry], slots: list[torch.Tensor], prepared: li
         pinned = getattr(fp, "pin_memory", True)  # per fully_shard group: offload policies may differ
         if fast and not pinned:
             fp._sharding_spec = new._spec
-        elif fast is None and not pinned:
-            fast = _reset_is_spec_only(fp, new, slot)
+        elif fast is None and not pinned and slot.numel():  # (an empty slot has no address: FSDP2's
+            fast = _reset_is_spec_only(fp, new, slot)  # reset re-pads it, as it does its own empty ones)
         else:
             fp.reset_sharded_param()
 

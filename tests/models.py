@@ -459,6 +459,31 @@ def tie_groups(model: nn.Module) -> set[frozenset[str]]:
     return {frozenset(g) for g in groups.values()}
 
 
+def one_allocation(tensors: list[torch.Tensor], align: int = 64) -> list[str]:
+    """Problems with how materialize's tensors hold their memory: each must have a storage of its own
+    (offset 0, exactly its bytes: torch.save, pickle, deepcopy and resize_ then see one tensor, as after
+    one allocation per tensor), and those storages must lie back to back in one buffer (one
+    allocation: disjoint, spread over no more than their bytes plus alignment). Empty tensors hold
+    no memory."""
+    bad, spans = [], {}
+    for t in tensors:
+        st = t.untyped_storage()
+        extent = t.numel() and (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+        if t.storage_offset() or st.nbytes() != extent:
+            bad.append(f"a {t.dtype} tensor of shape {tuple(t.shape)} sits at offset {t.storage_offset()} of a "
+                       f"storage of {st.nbytes()} bytes (expected its own {extent})")
+        if extent:
+            spans[st.data_ptr()] = extent
+    starts = sorted(spans)
+    for a, b in zip(starts, starts[1:]):
+        if a + spans[a] > b:
+            bad.append(f"storages overlap at {b - starts[0]}")
+    if starts and starts[-1] + spans[starts[-1]] - starts[0] > sum(-(-n // align) * align for n in spans.values()):
+        bad.append(f"{len(starts)} storages spread over {starts[-1] + spans[starts[-1]] - starts[0]} bytes: not "
+                   "one buffer")
+    return bad
+
+
 def train_losses(model: nn.Module, inputs: dict, opt, *, steps: int = 3, backward=None) -> list[float]:
     """`steps` optimizer steps of causal-LM loss on fixed `inputs`; the loss of each step."""
     losses = []

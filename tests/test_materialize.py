@@ -658,6 +658,95 @@ def _odd_values_worker(rank, world, flow):
     return bad
 
 
+class _Afterlife(nn.Module):
+    """Mixed dtypes (torch.save refuses one storage viewed as several), a tie, an integer buffer
+    that outlives a cast, a non-persistent buffer, a histogram buffer grown later."""
+
+    def __init__(self, real: bool):
+        super().__init__()
+        dev = "cpu" if real else "meta"
+        torch.manual_seed(5)
+        self.emb = nn.Embedding(64, 32, device=dev)  # 8 KiB: whole pages of its own
+        self.body = nn.Linear(32, 32, device=dev, dtype=torch.bfloat16)
+        self.head = nn.Linear(32, 64, bias=False, device=dev)
+        self.head.weight = self.emb.weight
+        self.register_buffer("steps", torch.arange(6, device=dev))
+        self.register_buffer("hist", torch.full((4,), 2.0, device=dev))
+        self.register_buffer("scale", torch.tensor([0.5], device=dev), persistent=False)
+
+    def forward(self, ids):
+        x = self.body(self.emb(ids).to(self.body.weight.dtype))
+        return self.head(x.to(self.head.weight.dtype)) * self.scale
+
+
+def _afterlife_worker(rank, world, flow):
+    """What users do next with a loaded model: it must behave as one loaded by load_state_dict."""
+    import copy
+    import ctypes
+    import io
+    import pickle
+
+    from fsdp_fastload import materialize
+
+    ref = _Afterlife(real=True)
+    if flow == "model":
+        model = _Afterlife(real=rank == 0)
+        materialize(model, "cpu")
+    else:
+        model = _Afterlife(real=False)
+        materialize(model, "cpu", state_dict=ref.state_dict() if rank == 0 else None,
+                    buffer_init=lambda m: m.scale.fill_(0.5) if isinstance(m, _Afterlife) else None)
+    bad = compare(model, ref, lambda m: m(torch.tensor([[1, 5, 9]])))
+    mine = rank != 0 or flow != "model"  # src of a module keeps its own tensors
+    if mine:
+        bad += models.one_allocation(list(dict.fromkeys(_tensors(model).values())))
+    # torch.save / torch.load of the state dict and of one tensor; pickle; deepcopy
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    size = buf.tell()
+    buf.seek(0)
+    back = torch.load(buf)
+    if back.keys() != ref.state_dict().keys() or not all(torch.equal(back[k], v) for k, v in ref.state_dict().items()):
+        bad.append("torch.save'd state dict reloads different")
+    ref_buf = io.BytesIO()
+    torch.save(ref.state_dict(), ref_buf)
+    if size > ref_buf.tell() + 1024:
+        bad.append(f"torch.save wrote {size} bytes, a single-process model {ref_buf.tell()}")
+    if len(pickle.dumps(model.steps)) > len(pickle.dumps(ref.steps)) + 64:
+        bad.append(f"one pickled buffer takes {len(pickle.dumps(model.steps))} bytes")
+    twin = copy.deepcopy(model)
+    if twin.scale.untyped_storage().nbytes() != 4 or not torch.equal(twin.emb.weight, ref.emb.weight):
+        bad.append("deepcopy copied more than each tensor, or other values")
+    # growing a buffer moves it to memory of its own; its neighbours keep their values
+    model.hist.resize_(4096).fill_(-1.0)
+    if mine and compare(model, ref, None) != ["hist: values/dtype/shape differ"]:
+        bad.append(f"growing hist changed other tensors: {compare(model, ref, None)}")
+    model.hist = ref.hist.clone()
+    # a cast replaces the floating tensors; a tensor that dies returns its pages (CPU) while the
+    # others (the integer buffer) keep the buffer: its bytes there read as zeros, not the weights
+    addr, nbytes = model.emb.weight.data_ptr(), model.emb.weight.untyped_storage().nbytes()
+    model.half()
+    del twin, back
+    if mine and model.steps.untyped_storage().nbytes() == 48:
+        page = 4096
+        a, b = -(-addr // page) * page, (addr + nbytes) // page * page
+        if b > a and any(ctypes.string_at(a, b - a)):
+            bad.append("the replaced embedding's pages were not returned to the kernel")
+    out = model.float()(torch.tensor([[1, 5, 9]]))
+    if not torch.equal(out, ref.half().float()(torch.tensor([[1, 5, 9]]))):
+        bad.append("after .half() the forward differs")
+    return bad
+
+
+@pytest.mark.parametrize("flow", ["model", "mapping"])
+def test_loaded_tensors_save_pickle_copy_grow_and_cast_as_if_allocated_one_by_one(flow):
+    """Every tensor has a storage of its own over the one buffer: torch.save of a mixed-dtype model
+    reloads (one storage viewed as several dtypes is refused), files and pickles hold each tensor's
+    bytes only, a grown buffer leaves its neighbours alone, a tensor replaced by a cast gives its
+    pages back while an integer buffer lives on."""
+    assert run_ranks(_afterlife_worker, 2, flow) == [[], []]
+
+
 @pytest.mark.parametrize("flow", ["model", "mapping"])
 def test_conjugate_views_grad_buffers_and_empty_tensors_grown_later(flow):
     for rank, bad in enumerate(run_ranks(_odd_values_worker, 2, flow, timeout=120)):

@@ -221,6 +221,76 @@ def test_opcheck():
     torch.library.opcheck(lib.poison_.default, (flat, 7))
 
 
+@pytest.mark.parametrize("impl", [pytest.param("compiled", marks=needs_ext), "fallback"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_carve_owned_pieces_have_storages_of_their_own(impl, device):
+    """carve_owned: carve's views (same dtypes, shapes, strides, bytes in the buffer), each with a
+    storage of its own (offset 0, exactly its bytes, disjoint): torch.save of several dtypes, pickle
+    and resize_ see one tensor, as after one allocation per tensor."""
+    import io
+    import pickle
+
+    fn = ops.carve_owned if impl == "compiled" else ops._carve_owned_ref
+    if impl == "fallback" and device != "cpu":
+        pytest.skip("the fallback makes views off CPU")
+    spec, nbytes = _spec()
+    flat = ops.alloc(nbytes, device)
+    ops.poison_(flat, 0x5A)
+    views, owned = ops._carve_ref(flat, spec), fn(flat, spec)
+    assert [(v.dtype, tuple(v.shape), v.stride()) for v in owned] == [(v.dtype, tuple(v.shape), v.stride()) for v in views]
+    for v, o in zip(views, owned):
+        extent = v.numel() and (sum((n - 1) * s for n, s in zip(v.shape, v.stride())) + 1) * v.element_size()
+        assert o.storage_offset() == 0 and o.untyped_storage().nbytes() == extent
+        assert o.data_ptr() == (v.data_ptr() if extent else 0)  # over the buffer; empty: no memory
+    _fill_through(owned)
+    assert torch.equal(flat.cpu(), _filled(nbytes, spec, device).cpu())  # every byte went into the buffer
+    saved = {str(i): o for i, o in enumerate(owned) if o.dtype not in (torch.uint16, torch.uint32, torch.uint64)}
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    assert buf.tell() < nbytes + 64 * len(saved) + 8192  # each tensor's bytes once, not the buffer per dtype
+    buf.seek(0)
+    back = torch.load(buf)
+    raw = lambda t: t.contiguous().reshape(-1).view(torch.uint8).cpu()  # noqa: E731  (NaN != NaN)
+    assert all(torch.equal(raw(back[k]), raw(v)) and back[k].stride() == v.stride() for k, v in saved.items())
+    assert len(pickle.dumps(owned[0].cpu())) < 1024
+    if impl == "compiled":  # resizable, as torch.empty's: growing moves it, its neighbour stays
+        before = owned[1].clone()
+        owned[0].resize_(1000).fill_(0)
+        assert torch.equal(owned[1], before) and owned[0].data_ptr() != views[0].data_ptr()
+
+
+def _filled(nbytes, spec, device):
+    flat = ops.alloc(nbytes, device)
+    ops.poison_(flat, 0x5A)
+    _fill_through(ops._carve_ref(flat, spec))
+    return flat
+
+
+@needs_ext
+def test_carve_owned_returns_a_dead_pieces_pages():
+    """On CPU a piece that dies while others keep the buffer gives its whole pages back (they read as
+    zeros); the last piece to die frees the buffer whole."""
+    import ctypes
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    flat = ops.alloc(8 * page, "cpu")
+    ops.poison_(flat, 0x11)
+    a, b, c = ops.carve_owned(flat, ops.encode_spec([torch.uint8] * 3, [0, page, 5 * page], [(page,), (3 * page,), (page,)]))
+    start = b.data_ptr()
+    first, last = -(-start // page) * page, (start + 3 * page) // page * page
+    del flat, b
+    assert last - first >= 2 * page and not any(ctypes.string_at(first, last - first))
+    assert bool((a == 0x11).all()) and bool((c == 0x11).all())
+
+
+@needs_ext
+def test_carve_owned_opcheck():
+    flat = ops.alloc(4096, "cpu")
+    spec = ops.encode_spec([torch.float32, torch.bfloat16, torch.int64], [0, 64, 128], [(2, 3), (4,), ()])
+    torch.library.opcheck(torch.ops.fsdp_fastload.carve_owned.default, (flat, spec),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
 def test_lean_import():
     code = (
         "import torch, fsdp_fastload, sys\n"

@@ -111,7 +111,8 @@ def m_limit(model, rank, ctx):
 @method("install_bound", check=False,
         note="a lower bound, not a loader: each rank only visits every parameter and buffer once, and "
              "the receivers install a fresh tensor (an nn.Parameter for parameters) over one flat "
-             "uninitialized buffer: all views from one C++ carve call, the cheapest Parameter "
+             "uninitialized buffer: all tensors from one C++ carve call (each a storage of its own over the "
+             "buffer, as ours), the cheapest Parameter "
              "constructor, the garbage collector paused; no communication, no planning, no values (src "
              "keeps its tensors, as ours does). The per-tensor Python that any loader handing back "
              "modules full of torch tensors pays")
@@ -137,7 +138,7 @@ def m_install_bound(model, rank, ctx):
                         off += (t.numel() * t.element_size() + 63) & ~63
         if rank == ctx.src:  # src sends from its own tensors: it has nothing to install
             return
-        views = ops.carve(ops.alloc(off, torch.device("cpu")), ops.encode_spec(dtypes, offsets, shapes))
+        views = ops.carve_owned(ops.alloc(off, torch.device("cpu")), ops.encode_spec(dtypes, offsets, shapes))
         make, param = torch.Tensor._make_subclass, nn.Parameter
         for (table, name, t), v in zip(slots, views):
             table[name] = make(param, v, t.requires_grad) if type(t) is param else v
@@ -263,7 +264,7 @@ def _sd_bound_prepare(model, rank, ctx):
              "bound: ours' schedule can beat it): read_bcast_bound (receivers fault their buffer "
              "in on a thread first, as ours does) plus the per-tensor work no loader from a checkpoint "
              "can skip: rank 0 parses the headers, and every rank walks its model once and installs "
-             "an nn.Parameter (a view for buffers) over each checkpoint tensor's bytes (one C++ carve "
+             "an nn.Parameter (a plain tensor for buffers) over each checkpoint tensor's bytes (one C++ carve "
              "call, install_bound's loop). No agreement, no checks, no plan, no buffers recomputed")
 def m_sd_bound(model, rank, ctx):
     import gc
@@ -293,7 +294,7 @@ def m_sd_bound(model, rank, ctx):
                         dtypes.append(t.dtype)
                         offsets.append(off)
                         shapes.append(t.shape)
-        views = ops.carve(buf, ops.encode_spec(dtypes, offsets, shapes))
+        views = ops.carve_owned(buf, ops.encode_spec(dtypes, offsets, shapes))
         make, param = torch.Tensor._make_subclass, nn.Parameter
         for (table, name, t), v in zip(slots, views):
             table[name] = make(param, v, t.requires_grad) if type(t) is param else v
