@@ -20,6 +20,7 @@ from .buffers import POISON, recompute
 from .comm import Broadcasts, _sentence, first_line, pack_all
 from .fill import Meanwhile, Packer, broadcast_fill, read_file_tensor
 from .install import commit as commit_install
+from .install import own_buffers
 from .install import prepare as prepare_install
 from .layout import ALIGN, Layout, memory_facts, plan
 from .manifest import Entry, build_manifest, fingerprint, summary
@@ -448,6 +449,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
                         if sources[i] is not None else None for i, g in zip(shd, geos)] if is_src else None
             shard.verify_shards(shd_entries, part_views[1], geos, per_rank, group=group, src=src,
                                 rank=rank, comm_device=comm_device)
+    own_buffers(rep_entries, prepared, device)
     commit_install(rep_entries, prepared)
     if shd:
         shard.install_shards(shd_entries, part_views[1], shd_prepared)

@@ -4,7 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import ops
+from .layout import ALIGN
 from .manifest import Entry, owner_table
+
+# Devices whose buffers get an allocation of their own after the transfer (see `own_buffers`).
+OWN_BUFFERS_ON = ("cuda",)
 
 
 def prepare(entries: list[Entry], views: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -33,3 +38,31 @@ def commit(entries: list[Entry], new: list[torch.Tensor]) -> None:
         kind = e.kind
         for mod, attr in e.owners:
             owner_table(mod, attr, kind)[attr] = t
+
+
+def own_buffers(entries: list[Entry], prepared: list[torch.Tensor], device: torch.device) -> None:
+    """Move the prepared buffers into one small allocation of their own (copies, on `device`), when
+    they are small next to the parameters: on CUDA the load's block is only freed with its last
+    tensor, so buffers left in it would keep the whole model's memory once the parameters are
+    replaced (FSDP1 flattening them, fully_shard after the load). On CPU a dead tensor's pages are
+    returned anyway. Best effort: without memory for it the buffers stay where they are."""
+    if device.type not in OWN_BUFFERS_ON:
+        return
+    idx = [i for i, e in enumerate(entries) if e.kind == "buffer" and e.nbytes]
+    if not idx:
+        return
+    offsets, total = [], 0
+    for i in idx:
+        offsets.append(total)
+        total += -(-entries[i].nbytes // ALIGN) * ALIGN
+    if total * 16 > sum(e.nbytes for e in entries):  # big buffers: a second copy would cost more
+        return
+    try:
+        new = ops.carve_owned(ops.alloc(total, device), ops.encode_spec(
+            [entries[i].dtype for i in idx], offsets, [entries[i].shape for i in idx],
+            [entries[i].strides or ops.contiguous_strides(entries[i].shape) for i in idx]))
+    except RuntimeError:  # out of memory: keep them in the load's block
+        return
+    for i, t in zip(idx, new):
+        t.copy_(prepared[i].detach())
+        prepared[i] = t.requires_grad_() if entries[i].requires_grad else t

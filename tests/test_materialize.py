@@ -667,10 +667,10 @@ class _Afterlife(nn.Module):
         dev = "cpu" if real else "meta"
         torch.manual_seed(5)
         self.emb = nn.Embedding(64, 32, device=dev)  # 8 KiB: whole pages of its own
+        self.register_buffer("steps", torch.arange(6, device=dev))  # between parameters
         self.body = nn.Linear(32, 32, device=dev, dtype=torch.bfloat16)
         self.head = nn.Linear(32, 64, bias=False, device=dev)
         self.head.weight = self.emb.weight
-        self.register_buffer("steps", torch.arange(6, device=dev))
         self.register_buffer("hist", torch.full((4,), 2.0, device=dev))
         self.register_buffer("scale", torch.tensor([0.5], device=dev), persistent=False)
 
@@ -745,6 +745,31 @@ def test_loaded_tensors_save_pickle_copy_grow_and_cast_as_if_allocated_one_by_on
     bytes only, a grown buffer leaves its neighbours alone, a tensor replaced by a cast gives its
     pages back while an integer buffer lives on."""
     assert run_ranks(_afterlife_worker, 2, flow) == [[], []]
+
+
+def _own_buffers_worker(rank, world, flow):
+    from fsdp_fastload import install, materialize
+
+    install.OWN_BUFFERS_ON = ("cuda", "cpu")  # CUDA's policy, exercised on CPU
+    ref = _Afterlife(real=True)
+    model = _Afterlife(real=flow == "model" and rank == 0)
+    materialize(model, "cpu", state_dict=ref.state_dict() if flow == "mapping" and rank == 0 else None,
+                buffer_init=lambda m: m.scale.fill_(0.5) if isinstance(m, _Afterlife) else None)
+    bad = compare(model, ref, lambda m: m(torch.tensor([[1, 5, 9]])))
+    if flow == "model" and rank == 0:
+        return bad
+    params, bufs = list(model.parameters()), list(model.buffers())
+    bad += models.one_allocation(params) + models.one_allocation(bufs)
+    lo, hi = min(p.data_ptr() for p in params), max(p.data_ptr() + p.untyped_storage().nbytes() for p in params)
+    bad += [f"buffer {n} still lies in the parameters' block" for n, b in model.named_buffers() if lo <= b.data_ptr() < hi]
+    return bad
+
+
+@pytest.mark.parametrize("flow", ["model", "mapping"])
+def test_buffers_leave_the_block_on_cuda(flow):
+    """On CUDA a block is freed only with its last tensor: the buffers move to a block of their own,
+    so that replacing every parameter (FSDP1's flattening) frees the model's block. Forced on CPU."""
+    assert run_ranks(_own_buffers_worker, 2, flow) == [[], []]
 
 
 @pytest.mark.parametrize("flow", ["model", "mapping"])
