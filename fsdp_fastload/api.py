@@ -533,7 +533,7 @@ def _plan_src(entries: list[Entry], rep: list[int], rep_entries: list[Entry], sh
 
 def _missing_hints(module: nn.Module, missing: list[str], *, sharded: bool) -> str:
     """Why a checkpoint may lack a tensor the model has, where the model shows it: a tie the model
-    lost (accelerate's init_empty_weights), or one FSDP2 split."""
+    lost (accelerate's init_empty_weights), PEFT's wrapping, or one FSDP2 split."""
     hints = ""
     if "transformers" in sys.modules:
         from .integrations.transformers import broken_ties
@@ -545,6 +545,11 @@ def _missing_hints(module: nn.Module, missing: list[str], *, sharded: bool) -> s
                       f"{f' (and {len(lost) - 1} more)' if len(lost) > 1 else ''}: a model built under "
                       "accelerate's init_empty_weights() loses its ties. Call model.tie_weights() on every rank "
                       "after building it.")
+    if any(".base_layer." in k or ".lora_" in k for k in missing):  # PEFT's adapter layers
+        hints += (" The model looks wrapped by PEFT (base_layer / lora_ names), whose adapters and renamed "
+                  "paths the base checkpoint does not hold: materialize the base model first, then apply "
+                  "get_peft_model on every rank (or load the wrapped model on src and call materialize "
+                  "without state_dict).")
     if sharded:
         hints += (" If the model shares a parameter between modules that two fully_shard calls wrap "
                   "(tied embeddings, a block reused by several layers), FSDP2 made it two tensors and a "

@@ -126,11 +126,20 @@ def _bad_keys_worker(rank, world, ckpts):
                       r"rank 0: 1 persistent tensor\(s\) missing from the checkpoint: "
                       r"\['model.layers.1.mlp.experts.gate_up_proj'\].*transformers' own conversion.*"
                       r"from_pretrained on src"),
+        # a layer wrapped the way PEFT's LoRA wraps it (base_layer + lora_A): the base checkpoint lacks both
+        "peft": ({"state_dict": base}, r"missing from the checkpoint: \['model.layers.0.self_attn.q_proj.base_layer.weight', "
+                                       r"'model.layers.0.self_attn.q_proj.lora_A.weight'\].*looks wrapped by PEFT.*"
+                                       r"materialize the base model first, then apply get_peft_model"),
     }
     out = {}
     for name, (kw, _) in cases.items():
         path = ckpts["mixtral"] if name == "moe_names" else ckpts["llama"]
         model = models.build_meta(path)
+        if name == "peft":
+            attn = model.model.layers[0].self_attn
+            lora = nn.Module()
+            lora.base_layer, lora.lora_A = attn.q_proj, nn.Linear(64, 2, bias=False, device="meta")
+            attn.q_proj = lora
         if rank != 0:
             kw = {k: v for k, v in kw.items() if k != "state_dict"}
         try:
