@@ -100,7 +100,10 @@ def _fsdp_groups_holding(model, p) -> int:
             s = m._get_fsdp_state()
             states[id(s)] = s
     for s in states.values():
-        for g in s._fsdp_param_groups:
+        groups = getattr(s, "_fsdp_param_groups", None)  # torch <= 2.9: one optional group
+        if groups is None:
+            groups = [g for g in [s._fsdp_param_group] if g is not None]
+        for g in groups:
             n += sum(fp.sharded_param is p for fp in g.fsdp_params)
     return n
 
