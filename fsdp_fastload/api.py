@@ -344,9 +344,10 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
         for (lay, ents), (m, w) in zip(parts, bufs):
             strides = None
             if lay is layout and strided:  # channels_last, transposed: carved in their skeleton's order
-                strides = [e.strides or ops.contiguous_strides(e.shape) for e in ents]
+                strides = [e.carve_strides() for e in ents]
             # each its own storage over the buffer: torch.save, pickle, deepcopy and resize_ then see
-            # one tensor's bytes (a storage shared by all of them breaks each, differently)
+            # one tensor's bytes (a storage shared by all of them breaks each, differently); an empty
+            # one holds no memory, so one grown later (an observer's running min/max) moves out
             views = ops.carve_owned(m, ops.encode_spec([e.dtype for e in ents], lay.final,
                                                        [e.shape for e in ents], strides))
             # converted after the transfer: sent in a smaller dtype, or contiguous for a strided tensor
@@ -355,11 +356,6 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
             wire_views = ops.carve(w, ops.encode_spec([lay.wire_dtype[i] for i in conv],
                                                       [lay.wire[i] - lay.direct for i in conv],
                                                       [ents[i].shape for i in conv]))
-            if lay is layout:  # an empty tensor gets a storage of its own: one grown later with
-                for i in empty:  # resize_ (observers' running min/max) must not write over its neighbours
-                    e = ents[i]
-                    views[i] = torch.empty_strided(e.shape, e.strides or ops.contiguous_strides(e.shape),
-                                                   dtype=e.dtype, device=device)
             part_views.append(views)
             conversions.append([(views[i], wv) for i, wv in zip(conv, wire_views)])
         if shd:  # this rank's shard of each sharded entry, at the start of its slot (its storage,
@@ -380,7 +376,6 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
                                             piece=_PIECE)
 
     local = [i for i in range(len(rep_entries)) if layout.wire_dtype[i] is None]
-    empty = [i for i, e in enumerate(rep_entries) if not e.numel]
     strided = any(e.strides is not None for e in rep_entries)
     # sharded tensors src does not send (a parameter transformers never saves): recomputed whole,
     # each rank keeping its box

@@ -60,7 +60,7 @@ def own_buffers(entries: list[Entry], prepared: list[torch.Tensor], device: torc
     try:
         new = ops.carve_owned(ops.alloc(total, device), ops.encode_spec(
             [entries[i].dtype for i in idx], offsets, [entries[i].shape for i in idx],
-            [entries[i].strides or ops.contiguous_strides(entries[i].shape) for i in idx]))
+            [entries[i].carve_strides() for i in idx]))
     except RuntimeError:  # out of memory: keep them in the load's block
         return
     for i, t in zip(idx, new):

@@ -11,6 +11,8 @@ import hashlib
 import torch
 from torch import nn
 
+from .ops import contiguous_strides
+
 
 class Entry:
     """One unique tensor: its names (the first is canonical), what it is, and where it lives.
@@ -44,6 +46,10 @@ class Entry:
 
     def __repr__(self) -> str:
         return f"Entry({self.names}, {self.kind}, {self.dtype}, {list(self.shape)})"
+
+    def carve_strides(self) -> tuple[int, ...] | list[int]:
+        """The strides this tensor is made with on every rank: its skeleton's order, else contiguous."""
+        return self.strides or contiguous_strides(self.shape)
 
     def describe(self) -> tuple:
         """What must agree across ranks (no local state: device, values, storage). Not

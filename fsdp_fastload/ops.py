@@ -130,8 +130,7 @@ def _carve_ref(flat: torch.Tensor, spec: Sequence[int]) -> list[torch.Tensor]:
                 f"its itemsize {item}. Align offsets with the layout stage.")
         if any(s < 0 for s in sizes) or any(s < 0 for s in strides):
             raise RuntimeError(f"fsdp_fastload carve: view {len(out)} has a negative size or stride")
-        empty = any(s == 0 for s in sizes)
-        extent = 0 if empty else (sum((s - 1) * st for s, st in zip(sizes, strides)) + 1) * item
+        extent = _extent(sizes, strides, item)
         if off + extent > nbytes:
             raise RuntimeError(
                 f"fsdp_fastload carve: view {len(out)} spans bytes [{off}, {off + extent}) outside the "
@@ -142,23 +141,33 @@ def _carve_ref(flat: torch.Tensor, spec: Sequence[int]) -> list[torch.Tensor]:
     return out
 
 
+def _extent(sizes: Sequence[int], strides: Sequence[int], itemsize: int) -> int:
+    """Bytes a view of `sizes`/`strides` spans from its first element (0 when empty)."""
+    if any(n == 0 for n in sizes):
+        return 0
+    return (sum((n - 1) * st for n, st in zip(sizes, strides)) + 1) * itemsize
+
+
 def _carve_owned_ref(flat: torch.Tensor, spec: Sequence[int]) -> list[torch.Tensor]:
     """`carve`'s pieces, each with a storage of its own over `flat`'s memory on CPU (through numpy,
-    which keeps `flat` alive; not resizable, no early page release); views elsewhere."""
+    which keeps `flat` alive; not resizable, no early page release); views elsewhere. An empty piece
+    holds no memory anywhere (a storage of its own, grown without touching its neighbours)."""
     views = _carve_ref(flat, spec)
-    if flat.device.type != "cpu":
-        return views
-    try:
-        whole = flat.numpy()
-    except (ImportError, RuntimeError):  # no numpy: views
-        return views
+    whole = None
+    if flat.device.type == "cpu":
+        try:
+            whole = flat.numpy()
+        except (ImportError, RuntimeError):  # no numpy: views
+            pass
     out = []
     for v, (dtype, off, sizes, strides) in zip(views, _decode_spec(spec)):
-        extent = (sum((n - 1) * st for n, st in zip(sizes, strides)) + 1) * dtype.itemsize if v.numel() else 0
+        extent = _extent(sizes, strides, dtype.itemsize)
         if not extent:  # no memory: no storage at the address of another piece
-            out.append(torch.empty_strided(sizes, strides, dtype=dtype))
-            continue
-        out.append(torch.from_numpy(whole[off:off + extent]).view(dtype).as_strided(sizes, strides))
+            out.append(torch.empty_strided(sizes, strides, dtype=dtype, device=flat.device))
+        elif whole is None:
+            out.append(v)
+        else:
+            out.append(torch.from_numpy(whole[off:off + extent]).view(dtype).as_strided(sizes, strides))
     return out
 
 
