@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .layout import ALIGN
+from .layout import _align
 from .manifest import Entry, owner_table
 
 # Devices whose buffers get an allocation of their own after the transfer (see `own_buffers`).
@@ -54,7 +54,7 @@ def own_buffers(entries: list[Entry], prepared: list[torch.Tensor], device: torc
     offsets, total = [], 0
     for i in idx:
         offsets.append(total)
-        total += -(-entries[i].nbytes // ALIGN) * ALIGN
+        total += _align(entries[i].nbytes)
     if total * 16 > sum(e.nbytes for e in entries):  # big buffers: a second copy would cost more
         return
     try:
