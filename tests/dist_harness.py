@@ -1,7 +1,8 @@
 """Run a function on N real gloo ranks (separate processes) with a watchdog: a hang is a failure.
 
-`run_ranks(fn, world, *args)` spawns `world` processes; each initialises a gloo process group over
-TCP on loopback, calls `fn(rank, world, *args)` and reports its return value or its exception.
+`run_ranks(fn, world, *args)` spawns `world` processes; each initialises a process group (gloo
+unless told) over TCP on loopback, calls `fn(rank, world, *args)` and reports its return value or
+its exception.
 The parent waits at most `timeout` seconds, kills everything still running, and fails loudly.
 Fault tests name the ranks that exit on purpose (`expect_dead`); their result is a `Died`.
 """
@@ -41,7 +42,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, q, env):
+def _worker(rank, world, port, fn, args, q, env, backend):
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -50,7 +51,9 @@ def _worker(rank, world, port, fn, args, q, env):
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world,
+        if "nccl" in backend:  # one GPU per rank
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=float(env.get("PG_TIMEOUT", 120))))
         result = fn(rank, world, *args)
         q.put((rank, "ok", result))
@@ -65,14 +68,15 @@ def _worker(rank, world, port, fn, args, q, env):
 
 
 def run_ranks(fn, world: int, *args, timeout: float = 240, env: dict | None = None,
-              raise_errors: bool = True, expect_dead: tuple[int, ...] = ()):
+              raise_errors: bool = True, expect_dead: tuple[int, ...] = (), backend: str = "gloo"):
     """Results of `fn` per rank (list indexed by rank); RankError for a rank that raised, `Died` for
-    a rank in `expect_dead` that exited without reporting (any other silent exit is an error)."""
+    a rank in `expect_dead` that exited without reporting (any other silent exit is an error).
+    `backend` is the process group's (an NCCL one puts rank r on GPU r mod the GPUs there)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, q, env), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, q, env, backend), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()

@@ -459,12 +459,12 @@ def tie_groups(model: nn.Module) -> set[frozenset[str]]:
     return {frozenset(g) for g in groups.values()}
 
 
-def one_allocation(tensors: list[torch.Tensor], align: int = 64) -> list[str]:
+def one_allocation(tensors: list[torch.Tensor], align: int = 64, slack: int = 0) -> list[str]:
     """Problems with how materialize's tensors hold their memory: each must have a storage of its own
     (offset 0, exactly its bytes: torch.save, pickle, deepcopy and resize_ then see one tensor, as after
     one allocation per tensor), and those storages must lie back to back in one buffer (one
-    allocation: disjoint, spread over no more than their bytes plus alignment). Empty tensors hold
-    no memory."""
+    allocation: disjoint, spread over no more than their bytes plus alignment, plus `slack` bytes
+    where tensors left out of `tensors` lay among them). Empty tensors hold no memory."""
     bad, spans = [], {}
     for t in tensors:
         st = t.untyped_storage()
@@ -478,7 +478,7 @@ def one_allocation(tensors: list[torch.Tensor], align: int = 64) -> list[str]:
     for a, b in zip(starts, starts[1:]):
         if a + spans[a] > b:
             bad.append(f"storages overlap at {b - starts[0]}")
-    if starts and starts[-1] + spans[starts[-1]] - starts[0] > sum(-(-n // align) * align for n in spans.values()):
+    if starts and starts[-1] + spans[starts[-1]] - starts[0] > slack + sum(-(-n // align) * align for n in spans.values()):
         bad.append(f"{len(starts)} storages spread over {starts[-1] + spans[starts[-1]] - starts[0]} bytes: not "
                    "one buffer")
     return bad

@@ -39,11 +39,12 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
 _tensors = models.tensors
 
 
-def compare_sharded(model, ref, rank, world, *, forward=None) -> list[str]:
-    """Differences between the sharded `model` and the single-process `ref` (collective)."""
+def compare_sharded(model, ref, rank, world, *, forward=None, device="cpu") -> list[str]:
+    """Differences between the sharded `model` (on `device`) and the single-process `ref` (on the
+    same device), collective."""
     from torch.distributed.tensor import DTensor
 
-    bad = []
+    bad, device = [], torch.device(device)
     got, want = _tensors(model), _tensors(ref)
     if set(got) != set(want):
         return [f"names differ: {sorted(set(got) ^ set(want))[:5]}"]
@@ -53,14 +54,15 @@ def compare_sharded(model, ref, rank, world, *, forward=None) -> list[str]:
         if isinstance(g, DTensor):
             local = g._local_tensor
             locals_[id(local)] = local
-            if local.is_meta or local.device.type != "cpu":
+            if local.is_meta or local.device != device:
                 bad.append(f"{n}: local shard on {local.device}")
                 continue
             dim = g.placements[0].dim
             chunks = torch.chunk(w, world, dim=dim)
             expect = chunks[rank] if rank < len(chunks) else w.narrow(dim, w.shape[dim], 0)
             if not w.numel():  # FSDP2's own shape for the shards of an empty tensor
-                expect = torch.empty(local.shape if not local.numel() else expect.shape, dtype=w.dtype)
+                expect = torch.empty(local.shape if not local.numel() else expect.shape, dtype=w.dtype,
+                                     device=device)
             if local.dtype != w.dtype or not torch.equal(local, expect):
                 bad.append(f"{n}: local shard is not rank {rank}'s chunk")
             full = g.full_tensor()

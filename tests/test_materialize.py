@@ -19,15 +19,16 @@ PLAIN = list(models.PLAIN_CASES)
 _tensors, _tie_groups = models.tensors, models.tie_groups
 
 
-def compare(model, ref, forward=None) -> list[str]:
-    """Every difference between `model` (materialized) and `ref` (single-process load), as text."""
-    bad = []
+def compare(model, ref, forward=None, device="cpu") -> list[str]:
+    """Every difference between `model` (materialized on `device`) and `ref` (single-process load,
+    on the same device), as text."""
+    bad, device = [], torch.device(device)
     got, want = _tensors(model), _tensors(ref)
     if set(got) != set(want):
         bad.append(f"names differ: {sorted(set(got) ^ set(want))[:5]}")
     for n in sorted(set(got) & set(want)):
         g, w = got[n], want[n]
-        if g.is_meta or g.device.type != "cpu":
+        if g.is_meta or g.device != device:
             bad.append(f"{n} on {g.device}")
         elif type(g) is not type(w) or g.requires_grad != w.requires_grad:
             bad.append(f"{n}: {type(g).__name__}/requires_grad={g.requires_grad}, want "

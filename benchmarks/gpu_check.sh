@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A lent GPU's whole check in one call (the session's device time is short): build the extension
+# against that machine's torch, run the tests that need CUDA, the one-GPU benchmark and the demo on
+# CUDA. Every stage has a time limit inside BUDGET seconds; logs and tables go to $OUT (./gpu_out).
+#   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+PY=${PYTHON:-python3}
+BUDGET=${BUDGET:-450}
+T0=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+limit() { local l; l=$(left); (( l < $1 )) && echo "$l" || echo "$1"; }
+stage() { echo "=== $1 at $(( $(date +%s) - T0 )) s (limit $2 s)"; }
+
+stage env 30
+{ nvidia-smi -L; nproc; $PY -c "import sys, torch, transformers, accelerate, safetensors
+print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(),
+      'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'safetensors', safetensors.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+stage build "$(limit 150)"
+rm -rf build fsdp_fastload/_C*.so
+timeout "$(limit 150)" $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+echo "build rc=$?"; tail -3 "$OUT/build.log"
+$PY -c "import fsdp_fastload as f; print('extension_available', f.extension_available())"
+
+stage tests "$(limit 240)"
+FSDP_FASTLOAD_REQUIRE_EXTENSION=1 timeout "$(limit 240)" $PY -m pytest -p no:cacheprovider -q --durations=8 \
+    tests/test_cuda.py tests/test_ops.py > "$OUT/pytest.log" 2>&1
+echo "pytest rc=$?"; grep -E "passed|failed|error|FAILED|ERROR" "$OUT/pytest.log" | tail -25
+
+stage bench "$(limit 200)"
+timeout "$(limit 200)" $PY benchmarks/gpu_bench.py --models medium,1b --runs 3 --out "$OUT/bench.md" \
+    > "$OUT/bench.log" 2>&1
+echo "bench rc=$?"; grep -E "^\[|Error|error" "$OUT/bench.log" | tail -25
+
+stage demo "$(limit 60)"
+timeout "$(limit 60)" $PY -m fsdp_fastload demo --device cuda --nproc 1 > "$OUT/demo.log" 2>&1
+echo "demo rc=$?"; tail -12 "$OUT/demo.log"
+echo "=== done at $(( $(date +%s) - T0 )) s"

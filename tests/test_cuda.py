@@ -1,0 +1,149 @@
+"""The CUDA path, on a machine with a GPU (skipped without CUDA: CI has none).
+
+materialize onto `cuda` over gloo (two ranks sharing the first GPU when there is one) and over NCCL
+(one rank per GPU: world 1 on a one-GPU machine, which still runs src's staging and the CUDA-stream
+ordering), from a source model on CPU, a source model already on the GPU, and a checkpoint
+directory; FSDP2 shards on a CUDA mesh. Every result is compared bit for bit, logits included, with
+single-process loading moved to the same GPU; receivers' tensors must come from one allocation and
+the buffers from a block of their own, freed apart from the parameters'.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import models
+from dist_harness import run_ranks
+from test_fsdp2 import compare_sharded, shard_model
+from test_materialize import compare
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+CASES = ("llama", "llama_bf16", "qwen2_tied", "gemma3_bf16", "bert_mlm", "gpt2", "mixtral")
+
+
+def _gpu(rank: int) -> torch.device:
+    return torch.device("cuda", rank % torch.cuda.device_count())
+
+
+def _nccl_world() -> int:
+    return min(2, torch.cuda.device_count())
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("cuda"))
+    return {n: models.make_checkpoint(n, root) for n in CASES}
+
+
+def _block_checks(box: list, dev) -> list[str]:
+    """A receiver's tensors (its model, the one item of `box`, whose other references the caller
+    dropped): parameters from one allocation, buffers outside it, and the parameters' block given
+    back to the caching allocator once the parameters are gone while the buffers live on, as after
+    FSDP1 flattens the parameters (on CUDA a block is freed only with its last tensor)."""
+    model = box.pop()
+    params = list({id(p): p for p in model.parameters()}.values())
+    bufs = list(model.buffers())
+    # gaps: src's own between tensors it holds back to back (kept, to send such runs in one piece)
+    # and, on CUDA, where the buffers lay before they moved out
+    slack = sum(t.untyped_storage().nbytes() for t in params) // 100 + 64 * len(params)
+    if dev.type != "cuda":  # (a dry run of this file's logic on CPU: the buffers stay)
+        return models.one_allocation(params + bufs, slack=slack)
+    bad = models.one_allocation(params, slack=slack + sum(b.untyped_storage().nbytes() + 64 for b in bufs))
+    bad += models.one_allocation(bufs)
+    lo = min(p.data_ptr() for p in params)
+    hi = max(p.data_ptr() + p.untyped_storage().nbytes() for p in params)
+    bad += [f"buffer {n} lies in the parameters' block" for n, b in model.named_buffers()
+            if b.numel() and lo <= b.data_ptr() < hi]
+    param_bytes = sum(p.untyped_storage().nbytes() for p in params)
+    gc.collect()
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    del params, model  # `bufs` keeps the buffers
+    gc.collect()
+    torch.cuda.synchronize(dev)
+    freed = before - torch.cuda.memory_allocated(dev)
+    if freed < param_bytes:
+        bad.append(f"the parameters' {param_bytes} bytes are gone but only {freed} bytes were freed")
+    return bad
+
+
+def _hf_worker(rank, world, paths, source):
+    from fsdp_fastload import materialize
+
+    dev = _gpu(rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    out = {}
+    for name, path in paths.items():
+        try:
+            sd = None
+            if rank != 0 or source == "dir":
+                model = models.build_meta(path)
+                sd = path if rank == 0 else None
+            else:
+                model = models.load_reference(path)
+                if source == "model_on_gpu":
+                    model = model.to(dev)
+            materialize(model, dev, state_dict=sd, poison=True, verify=True)
+            ref = models.load_reference(path).to(dev)
+            bad = compare(model, ref, lambda m: models.logits(m, models.example_inputs(m)), device=dev)
+            del ref
+            if not bad and (rank != 0 or source == "dir"):
+                box = [model]
+                del model
+                bad += _block_checks(box, dev)
+            out[name] = bad
+        except Exception as e:
+            out[name] = [f"raised {type(e).__name__}: {e}"]
+    return out
+
+
+@pytest.mark.parametrize("source", ["model_on_cpu", "model_on_gpu", "dir"])
+def test_gloo_onto_cuda_bit_exact(ckpts, source):
+    """gloo moves CUDA tensors through host memory: the same pipeline, one GPU shared by the ranks."""
+    for rank, res in enumerate(run_ranks(_hf_worker, 2, ckpts, source, timeout=400)):
+        for name, bad in res.items():
+            assert bad == [], f"rank {rank} {name}: {bad}"
+
+
+@pytest.mark.skipif(not torch.distributed.is_nccl_available(), reason="needs NCCL")
+@pytest.mark.parametrize("source", ["model_on_cpu", "model_on_gpu", "dir"])
+def test_nccl_bit_exact(ckpts, source):
+    res = run_ranks(_hf_worker, _nccl_world(), ckpts, source, timeout=400, backend="nccl")
+    for rank, r in enumerate(res):
+        for name, bad in r.items():
+            assert bad == [], f"rank {rank} {name}: {bad}"
+
+
+def _fsdp2_worker(rank, world, paths):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fsdp_fastload import materialize
+
+    dev = _gpu(rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    mesh = init_device_mesh(dev.type, (world,))
+    out = {}
+    for name, path in paths.items():
+        try:
+            model = shard_model(models.build_meta(path), mesh)
+            materialize(model, dev, state_dict=path if rank == 0 else None, poison=True, verify=True)
+            ref = models.load_reference(path).to(dev)
+            out[name] = compare_sharded(model, ref, rank, world, device=dev,
+                                        forward=lambda m: models.logits(m, models.example_inputs(m)))
+        except Exception as e:
+            out[name] = [f"raised {type(e).__name__}: {e}"]
+    return out
+
+
+@pytest.mark.skipif(not torch.distributed.is_nccl_available(), reason="needs NCCL")
+def test_fsdp2_on_cuda_mesh_bit_exact(ckpts):
+    paths = {n: ckpts[n] for n in ("llama", "qwen2_tied", "gemma3_bf16", "mixtral")}
+    res = run_ranks(_fsdp2_worker, _nccl_world(), paths, timeout=400, backend="nccl")
+    for rank, r in enumerate(res):
+        for name, bad in r.items():
+            assert bad == [], f"rank {rank} {name}: {bad}"
