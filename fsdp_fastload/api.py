@@ -22,7 +22,7 @@ from .fill import Meanwhile, Packer, broadcast_fill, read_file_tensor
 from .install import commit as commit_install
 from .install import own_buffers
 from .install import prepare as prepare_install
-from .layout import ALIGN, Layout, memory_facts, plan
+from .layout import Layout, device_align, memory_facts, plan
 from .manifest import Entry, build_manifest, fingerprint, summary
 from .source import CheckpointError, FileTensor, hf_renamed, match, open_source
 from .verify import verify as _verify
@@ -244,7 +244,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
     if error is None and is_src:
         try:
             sources, rep_sources, wire_all, facts, layout, shd_layout = _plan_src(
-                entries, rep, rep_entries, shd, slots, src_plan, opts, world=len(ranks))
+                entries, rep, rep_entries, shd, slots, src_plan, opts, world=len(ranks),
+                align=device_align(device))
         except Exception as e:  # noqa: BLE001  src cannot plan: every rank hears why before any data moves
             error = f"planning the transfer failed: {_sentence(e)}"
     fp = fingerprint(entries, (src, bool(verify), [path for path, _ in extra_mods])) if distributed else 0
@@ -257,7 +258,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
     early = prefaulting = None
     if error is None and device.type == "cpu" and not kept and (layout is not None or not is_src):
         nbytes = (sum(lay.main_total for lay in (layout, shd_layout) if lay is not None) if is_src
-                  else _main_estimate(entries, rep, shd, geos))
+                  else _main_estimate(entries, rep, shd, geos, device_align(device)))
         try:
             early = ops.alloc(nbytes, device)
         except RuntimeError as e:  # out of memory: every rank hears of it before any data moves
@@ -503,26 +504,26 @@ def _set_extra_state(extra_mods: list, values: dict, rank: int) -> None:
 
 
 def _plan_src(entries: list[Entry], rep: list[int], rep_entries: list[Entry], shd: list[int],
-              slots: list[Entry], src_plan, opts: dict, *, world: int) -> tuple:
+              slots: list[Entry], src_plan, opts: dict, *, world: int, align: int) -> tuple:
     """src's (sources, those of the replicated entries, wire dtypes, memory facts of the replicated
     sources, layout, shards' layout)."""
     sources = src_plan.sources if src_plan is not None else [e.tensor for e in entries]
     wire_all = src_plan.wire if src_plan is not None else [e.dtype for e in entries]
     bucket = opts["bucket_size"] or _auto_bucket(sum(e.nbytes for e in entries))
     direct_min = opts["direct_min"] or bucket // 2
-    rep_args = dict(bucket_size=bucket, direct_min=direct_min, wire=[wire_all[i] for i in rep])
+    rep_args = dict(bucket_size=bucket, direct_min=direct_min, wire=[wire_all[i] for i in rep], align=align)
     rep_sources = [sources[i] for i in rep]
     facts = memory_facts(rep_sources)
     layout = plan(rep_entries, sources=rep_sources, facts=facts, **rep_args)
-    if layout.main_total > _main_estimate(entries, rep, [], []):
+    if layout.main_total > _main_estimate(entries, rep, [], [], align):
         # Runs of src's memory keep the gaps between its tensors (malloc's headers: ~40% more bytes
         # on 100k tensors of 640 B). Past the allowance receivers size their early buffer with,
         # the gaps would cost wire bytes and every receiver a second buffer: plan compact, packed.
         layout = plan(rep_entries, **rep_args)
     shd_layout = None
     if shd:  # each scatter moves `world` pieces: keep src's staging near a bucket
-        shd_layout = plan(slots, direct_min=direct_min,
-                          bucket_size=max(bucket // world, 1 << 20), wire=[wire_all[i] for i in shd])
+        shd_layout = plan(slots, direct_min=direct_min, bucket_size=max(bucket // world, 1 << 20),
+                          wire=[wire_all[i] for i in shd], align=align)
     return sources, rep_sources, wire_all, facts, layout, shd_layout
 
 
@@ -652,10 +653,10 @@ def _recompute(module: nn.Module, entries: list[Entry], rep: list[int], views: l
     return error
 
 
-def _main_estimate(entries: list[Entry], rep: list[int], shd: list[int], geos: list) -> int:
-    """A receiver's guess of src's flat buffer size: every tensor (a shard's slot) aligned, plus a
-    little for gaps src keeps inside runs of back-to-back tensors."""
-    a = ALIGN - 1
+def _main_estimate(entries: list[Entry], rep: list[int], shd: list[int], geos: list, align: int) -> int:
+    """A receiver's guess of src's flat buffer size: every tensor (a shard's slot) aligned to
+    `align`, plus a little for gaps src keeps inside runs of back-to-back tensors."""
+    a = align - 1
     n = sum((entries[i].nbytes + a) & ~a for i in rep)
     n += sum((g.slot_numel * entries[i].dtype.itemsize + a) & ~a for i, g in zip(shd, geos))
     return n + n // 64 + (1 << 16)

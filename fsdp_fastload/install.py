@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .layout import _align
+from .layout import _align, device_align
 from .manifest import Entry, owner_table
 
 # Devices whose buffers get an allocation of their own after the transfer (see `own_buffers`).
@@ -51,10 +51,10 @@ def own_buffers(entries: list[Entry], prepared: list[torch.Tensor], device: torc
     idx = [i for i, e in enumerate(entries) if e.kind == "buffer" and e.nbytes]
     if not idx:
         return
-    offsets, total = [], 0
+    offsets, total, align = [], 0, device_align(device)
     for i in idx:
         offsets.append(total)
-        total += _align(entries[i].nbytes)
+        total += _align(entries[i].nbytes, align)
     if total * 16 > sum(e.nbytes for e in entries):  # big buffers: a second copy would cost more
         return
     try:

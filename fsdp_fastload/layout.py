@@ -20,7 +20,13 @@ import torch
 from .manifest import Entry
 from .source import FileTensor
 
-ALIGN = 64  # bytes: >= every dtype's itemsize, and a cache line
+ALIGN = 64  # bytes: >= every dtype's itemsize, and a cache line (CPU's allocator aligns to it too)
+# CUDA: where the caching allocator puts every tensor allocated on its own (its blocks are multiples of
+# 512 bytes). Kernels choose by their operands' alignment: PyTorch gives cuBLASLt each matrix's
+# alignment up to 256 bytes as a heuristic preference, and a weight 64 bytes into such a line got
+# another kernel, and logits that differ in their last bits, than the same weight loaded by `.to("cuda")`
+# (seen on an H100, torch 2.11). So on CUDA every tensor starts where the allocator would start it.
+CUDA_ALIGN = 512
 RUN_CHUNK = 4  # a run of back-to-back (or one big) tensors goes out in pieces of 4 buckets
 MAX_GAP = 4096  # bytes between two tensors of one storage that still count as back to back
 # Bytes between two CPU tensors of *different* storages that still count as back to back (each tensor
@@ -62,6 +68,11 @@ class Layout:
 
 def _align(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
+
+
+def device_align(device: torch.device) -> int:
+    """The alignment of every tensor's offset in the flat buffer on `device` (see CUDA_ALIGN)."""
+    return CUDA_ALIGN if device.type == "cuda" else ALIGN
 
 
 _CPU = ("cpu",)
@@ -139,10 +150,13 @@ def _runs(entries: list[Entry], sources: list, ids: list[int], facts: list) -> l
 
 def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
          wire: list[torch.dtype | None] | None = None, sources: list | None = None,
-         facts: list | None = None) -> Layout:
+         facts: list | None = None, align: int = ALIGN) -> Layout:
     """src's layout. `wire[i]`: dtype entry i travels in (None: recomputed locally; default: all
     sent as they are); `sources[i]`: where its bytes come from (tensor or FileTensor), if known;
-    `facts`: `memory_facts(sources)` if already gathered."""
+    `facts`: `memory_facts(sources)` if already gathered; `align`: every tensor's offset a multiple
+    of it (`device_align`), except that with the CPU's (ALIGN) a run of src's memory keeps src's own
+    placement (each tensor at least at its dtype's alignment, as src's own)."""
+    strict = align != ALIGN
     n = len(entries)
     if wire is None:
         wire = [e.dtype for e in entries]
@@ -161,8 +175,8 @@ def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
         facts = memory_facts(sources)
     for run in (_runs(entries, sources, direct_ids, facts) if sources is not None else ()):
         start_addr = run[0][1]
-        base = _align(off) + start_addr % ALIGN  # keep every member's alignment
-        if any((base + a - start_addr) % entries[i].dtype.itemsize for i, a in run):
+        base = _align(off, align) + start_addr % align  # keep every member's alignment
+        if any((base + a - start_addr) % (align if strict else entries[i].dtype.itemsize) for i, a in run):
             continue  # misaligned at its source: placed alone below
         for i, a in run:
             final[i] = woff[i] = base + a - start_addr
@@ -171,7 +185,7 @@ def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
         off = base + last_a - start_addr + entries[last_i].nbytes
         start = final[run[0][0]]
         spans.append((start, off, off - start >= direct_min))  # a short run is packed with its neighbours
-    mask = ALIGN - 1
+    mask = align - 1
     for i in direct_ids:
         if i in placed:
             continue
@@ -180,7 +194,7 @@ def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
         if nb:
             spans.append((off, off + nb, nb >= direct_min))
             off += nb
-    direct = off = _align(off)
+    direct = off = _align(off, align)
     for i in conv_ids + local_ids:
         final[i] = off
         off = (off + entries[i].nbytes + mask) & ~mask
@@ -193,7 +207,7 @@ def plan(entries: list[Entry], *, bucket_size: int, direct_min: int,
         if nb:
             conv_spans.append((w, w + nb, nb >= direct_min))
         w = (w + nb + mask) & ~mask
-    bucket_size = max(_align(int(bucket_size)), ALIGN)
+    bucket_size = max(_align(int(bucket_size), align), align)
     buckets = _buckets(spans, bucket_size) + _buckets(conv_spans, bucket_size)
     return Layout(final=final, main_total=main_total, wire=woff, wire_dtype=list(wire), direct=direct,
                   wire_total=w, buckets=buckets)

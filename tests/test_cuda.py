@@ -4,8 +4,9 @@ materialize onto `cuda` over gloo (two ranks sharing the first GPU when there is
 (one rank per GPU: world 1 on a one-GPU machine, which still runs src's staging and the CUDA-stream
 ordering), from a source model on CPU, a source model already on the GPU, and a checkpoint
 directory; FSDP2 shards on a CUDA mesh. Every result is compared bit for bit, logits included, with
-single-process loading moved to the same GPU; receivers' tensors must come from one allocation and
-the buffers from a block of their own, freed apart from the parameters'.
+single-process loading moved to the same GPU; every tensor must start where the caching allocator
+would start it (512-byte lines: kernels choose by alignment), receivers' tensors must come from one
+allocation and the buffers from a block of their own, freed apart from the parameters'.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from test_materialize import compare
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
+ALIGN = 512  # fsdp_fastload.layout.CUDA_ALIGN, spelled here so that a change to it is noticed
 CASES = ("llama", "llama_bf16", "qwen2_tied", "gemma3_bf16", "bert_mlm", "gpt2", "mixtral")
 
 
@@ -48,11 +50,12 @@ def _block_checks(box: list, dev) -> list[str]:
     bufs = list(model.buffers())
     # gaps: src's own between tensors it holds back to back (kept, to send such runs in one piece)
     # and, on CUDA, where the buffers lay before they moved out
-    slack = sum(t.untyped_storage().nbytes() for t in params) // 100 + 64 * len(params)
+    slack = sum(t.untyped_storage().nbytes() for t in params) // 100 + ALIGN * len(params)
     if dev.type != "cuda":  # (a dry run of this file's logic on CPU: the buffers stay)
         return models.one_allocation(params + bufs, slack=slack)
-    bad = models.one_allocation(params, slack=slack + sum(b.untyped_storage().nbytes() + 64 for b in bufs))
-    bad += models.one_allocation(bufs)
+    bad = models.one_allocation(params, align=ALIGN,
+                                slack=slack + sum(b.untyped_storage().nbytes() + ALIGN for b in bufs))
+    bad += models.one_allocation(bufs, align=ALIGN)
     lo = min(p.data_ptr() for p in params)
     hi = max(p.data_ptr() + p.untyped_storage().nbytes() for p in params)
     bad += [f"buffer {n} lies in the parameters' block" for n, b in model.named_buffers()
@@ -68,6 +71,11 @@ def _block_checks(box: list, dev) -> list[str]:
     if freed < param_bytes:
         bad.append(f"the parameters' {param_bytes} bytes are gone but only {freed} bytes were freed")
     return bad
+
+
+def _misaligned(model) -> list[str]:
+    return [f"{n} starts {t.data_ptr() % ALIGN} bytes into a {ALIGN}-byte line"
+            for n, t in models.tensors(model).items() if t.numel() and t.data_ptr() % ALIGN]
 
 
 def _hf_worker(rank, world, paths, source):
@@ -90,6 +98,8 @@ def _hf_worker(rank, world, paths, source):
             materialize(model, dev, state_dict=sd, poison=True, verify=True)
             ref = models.load_reference(path).to(dev)
             bad = compare(model, ref, lambda m: models.logits(m, models.example_inputs(m)), device=dev)
+            if dev.type == "cuda":
+                bad += _misaligned(model)
             del ref
             if not bad and (rank != 0 or source == "dir"):
                 box = [model]
@@ -122,6 +132,8 @@ def _fsdp2_worker(rank, world, paths):
     from torch.distributed.device_mesh import init_device_mesh
 
     from fsdp_fastload import materialize
+    from fsdp_fastload.manifest import build_manifest
+    from fsdp_fastload.shard import _fsdp_params
 
     dev = _gpu(rank)
     if dev.type == "cuda":
@@ -133,8 +145,12 @@ def _fsdp2_worker(rank, world, paths):
             model = shard_model(models.build_meta(path), mesh)
             materialize(model, dev, state_dict=path if rank == 0 else None, poison=True, verify=True)
             ref = models.load_reference(path).to(dev)
-            out[name] = compare_sharded(model, ref, rank, world, device=dev,
+            out[name] = compare_sharded(model, ref, rank, world, device=dev, align=ALIGN,
                                         forward=lambda m: models.logits(m, models.example_inputs(m)))
+            if dev.type == "cuda":
+                out[name] += [f"{fp._module_info.param_name}: padded shard not {ALIGN}-aligned"
+                              for fp in _fsdp_params(model, [e for e in build_manifest(model) if e.cls == "DTensor"]).values()
+                              if fp._sharded_param_data.numel() and fp._sharded_param_data.data_ptr() % ALIGN]
         except Exception as e:
             out[name] = [f"raised {type(e).__name__}: {e}"]
     return out

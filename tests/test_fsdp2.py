@@ -39,9 +39,9 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
 _tensors = models.tensors
 
 
-def compare_sharded(model, ref, rank, world, *, forward=None, device="cpu") -> list[str]:
-    """Differences between the sharded `model` (on `device`) and the single-process `ref` (on the
-    same device), collective."""
+def compare_sharded(model, ref, rank, world, *, forward=None, device="cpu", align=64) -> list[str]:
+    """Differences between the sharded `model` (on `device`, its shards `align`ed) and the
+    single-process `ref` (on the same device), collective."""
     from torch.distributed.tensor import DTensor
 
     bad, device = [], torch.device(device)
@@ -100,7 +100,7 @@ def compare_sharded(model, ref, rank, world, *, forward=None, device="cpu") -> l
             bad.append(f"{fp._module_info.param_name}: FSDP2's reset_sharded_param changed its state")
     # each padded shard a storage of its own (the local shard at its offset 0, as FSDP2's own: a
     # DTensor over an offset view does not pickle), all in one buffer
-    bad += models.one_allocation([fp._sharded_param_data for fp in fsdp_params.values()])
+    bad += models.one_allocation([fp._sharded_param_data for fp in fsdp_params.values()], align=align)
     if any(t.storage_offset() for t in locals_.values()):
         bad.append("a local shard sits at a storage offset")
     buf = io.BytesIO()

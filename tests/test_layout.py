@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fsdp_fastload.fill import Packer
-from fsdp_fastload.layout import CROSS_GAP, plan
+from fsdp_fastload.layout import CROSS_GAP, CUDA_ALIGN, _align, plan
 from fsdp_fastload.manifest import build_manifest
 
 
@@ -101,6 +101,31 @@ def test_long_run_in_buckets(bucket):
     packer = Packer([e.tensor for e in entries], layout)
     assert all(packer.direct_view(a, b) is not None for a, b in layout.buckets)
     _check_sent(entries, layout, _wire_bytes(entries, layout, packer))
+
+
+@pytest.mark.parametrize("sources", [True, False])
+def test_cuda_alignment_puts_every_tensor_where_the_allocator_would(sources):
+    """On CUDA kernels choose by their operands' alignment (cuBLASLt up to 256 bytes): every tensor,
+    converted and recomputed ones too, starts at a multiple of CUDA_ALIGN, like a tensor the
+    caching allocator gives; runs of src's memory keep src's placement only where that holds."""
+    buf = bytearray(torch.randint(0, 256, (1 << 15,), dtype=torch.uint8).numpy().tobytes())
+    pieces = [(0, torch.float32, (16,)), (64, torch.float32, (16,)),  # back to back, 64 apart
+              (1024, torch.bfloat16, (256,)), (1536, torch.bfloat16, (256,)),  # 512 apart
+              (4096, torch.int64, (3,))]
+    m = _module_over(buf, pieces)
+    entries = build_manifest(m)
+    wire = [e.dtype for e in entries]
+    wire[1] = torch.bfloat16  # sent smaller, converted on arrival
+    wire[4] = None  # recomputed locally
+    layout = plan(entries, bucket_size=1 << 12, direct_min=1 << 11, wire=wire, align=CUDA_ALIGN,
+                  sources=[e.tensor for e in entries] if sources else None)
+    assert all(f % CUDA_ALIGN == 0 for f in layout.final), layout.final
+    assert all(w % CUDA_ALIGN == 0 for w in layout.wire if w >= 0), layout.wire
+    assert layout.main_total <= sum(_align(e.nbytes, CUDA_ALIGN) for e in entries) + CUDA_ALIGN
+    # the CPU's alignment keeps the 64-byte run as src has it
+    cpu = plan(entries, bucket_size=1 << 12, direct_min=1 << 11, wire=[e.dtype for e in entries],
+               sources=[e.tensor for e in entries])
+    assert cpu.final[1] - cpu.final[0] == 64
 
 
 def test_fingerprint_covers_dtensor_placements():
