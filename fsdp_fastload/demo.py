@@ -10,6 +10,7 @@ Every tensor and the logits are compared bit for bit with single-process ``from_
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import resource
 import sys
@@ -97,7 +98,8 @@ def rank_main(path: str, device_kind: str) -> dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, dist.get_world_size())))
     cls, _ = _auto_cls(path)
     ref = cls.from_pretrained(path).eval()
-    ref_logits = _logits(ref, "cpu")
+    # single-process loading onto this rank's device: the same kernels as the loaded model's
+    ref_logits = _logits(copy.deepcopy(ref).to(device), device)
     out = {"rank": rank, "flows": {}}
     for flow in ("src-model", "checkpoint"):
         if flow == "src-model" and rank == 0:
