@@ -142,6 +142,17 @@ def _accelerate(model_sd, ctx):
     return model
 
 
+def _one_thread(fn):
+    def run(state, ctx):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(state, ctx)
+        finally:
+            torch.set_num_threads(threads)
+    return run
+
+
 def _synced(fn):
     def run(state, ctx):
         out = fn(state, ctx)
@@ -158,6 +169,8 @@ METHODS = {
                 "from_pretrained on CPU (untimed), then model.to(cuda)"),
     "ours": (lambda ctx: _hf(ctx["path"]), _materialize(),
              "from_pretrained on CPU (untimed), then materialize(model, cuda)"),
+    "ours_1thread": (lambda ctx: _hf(ctx["path"]), _one_thread(_materialize()),
+                     "the same with torch.set_num_threads(1): src packs its staging buffers on one core"),
     "hf_device_map": (lambda ctx: None, _synced(lambda _, ctx: _hf(ctx["path"], device_map=str(ctx["dev"]))),
                       "from_pretrained(dir, device_map=cuda), end to end"),
     "hf_cpu_to": (lambda ctx: None, _synced(lambda _, ctx: _hf(ctx["path"]).to(ctx["dev"])),
@@ -168,9 +181,11 @@ METHODS = {
                       "FSDP2 meta model, materialize(state_dict=<dir>), end to end"),
     "ours_fsdp2": (lambda ctx: _fsdp2(_meta(ctx["path"]), ctx), _materialize(state_dict="full_sd"),
                    "FSDP2 meta model, materialize(state_dict=<full CPU state dict>)"),
-    "dcp_fsdp2": (lambda ctx: (_fsdp2(_meta(ctx["path"]), ctx).to_empty(device=ctx["dev"]), ctx["full_sd"]), _dcp,
+    # (a copy of the dict each run: set_model_state_dict replaces the caller's values with its DTensors
+    # on the device, so the next run would start from GPU memory)
+    "dcp_fsdp2": (lambda ctx: (_fsdp2(_meta(ctx["path"]), ctx).to_empty(device=ctx["dev"]), dict(ctx["full_sd"])), _dcp,
                   "FSDP2 meta model, to_empty(cuda), set_model_state_dict(<full CPU state dict>, full_state_dict)"),
-    "accelerate_fsdp2": (lambda ctx: (_fsdp2(_meta(ctx["path"]), ctx), ctx["full_sd"]), _accelerate,
+    "accelerate_fsdp2": (lambda ctx: (_fsdp2(_meta(ctx["path"]), ctx), dict(ctx["full_sd"])), _accelerate,
                          "FSDP2 meta model, accelerate fsdp2_load_full_state_dict(<full CPU state dict>)"),
 }
 
@@ -234,6 +249,8 @@ def main():
                 continue
             try:
                 for i in range(args.runs):
+                    if not all(type(t) is torch.Tensor and t.is_cpu for t in ctx["full_sd"].values()):
+                        raise RuntimeError("the shared full state dict no longer holds CPU tensors")
                     state = prepare(ctx)
                     gc.collect()
                     sync()
