@@ -339,6 +339,36 @@ def test_copy_ranges(impl, device):
 
 
 @needs_ext
+@pytest.mark.parametrize("pinned", [False, pytest.param(True, marks=needs_cuda)])
+def test_copy_ranges_large_pack(pinned):
+    """A pack over 4 MiB into a pinned staging buffer runs on torch's intra-op threads in 1 MiB
+    pieces: every byte lands where one memcpy per range puts it (ranges long and short, unaligned,
+    a range split across pieces)."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randint(0, 256, (9 << 20,), dtype=torch.uint8, generator=g)
+    small = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in (1, 333, 4096, 70_001)]
+    srcs = [big, *small, big]
+    so = [3, 0, 5, 100, 1, (1 << 20) + 7]
+    ln = [(5 << 20) + 11, 1, 300, 3000, 70_000, (3 << 20) + 5]
+    do, off = [], 17
+    for n in ln:
+        do.append(off)
+        off += n + 13
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    try:
+        dst = ops.alloc(off, "cpu", pin_memory=pinned)
+        ops.poison_(dst, 0xA5)
+        ops.copy_ranges(dst, srcs, so, do, ln)
+    finally:
+        torch.set_num_threads(threads)
+    expect = torch.full((off,), 0xA5, dtype=torch.uint8)
+    for s, a, d, n in zip(srcs, so, do, ln):
+        expect[d:d + n] = s[a:a + n]
+    assert torch.equal(dst, expect)
+
+
+@needs_ext
 def test_copy_ranges_opcheck():
     dst = ops.alloc(256, "cpu")
     ops.poison_(dst, 0)
