@@ -32,14 +32,19 @@ RAISE='import torch; from fsdp_fastload import ops
 f = ops.alloc(4096, "cpu"); spec = ops.encode_spec([torch.float32], [8], [(4,)])
 try: ops.carve(f[1:], spec)
 except RuntimeError as e: print("raised:", str(e)[:80])'
-$PY -c "$RAISE"; rc=$?; echo "raise rc=$rc"
-{ which -a g++ c++; g++ --version | head -1; ls /usr/bin/g++* 2>/dev/null
-  ldd fsdp_fastload/_C.abi3.so | grep -E "stdc|gcc_s"; } 2>&1 | tee "$OUT/toolchain.txt"
-if [ "$rc" != 0 ] && [ -x /usr/bin/g++ ]; then  # the same source, built by the system compiler
+$PY -c "$RAISE"; echo "raise rc=$?"  # the main build: setup.py picked the compiler
+grep "^fsdp_fastload:" "$OUT/build.log"
+{ which -a g++ c++; for c in /opt/gcc/bin/g++ /usr/bin/g++; do [ -x $c ] && { $c --version | head -1
+  realpath "$($c -print-file-name=libstdc++.so.6)"; }; done
+  $PY -c "import torch; print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'stdc++' in l}))"
+} 2>&1 | tee "$OUT/toolchain.txt"
+if [ -x /opt/gcc/bin/g++ ]; then  # the same source built by /opt/gcc, kept: does raising crash?
   rm -rf /tmp/alt && mkdir /tmp/alt && cp -r setup.py pyproject.toml csrc fsdp_fastload /tmp/alt/
-  (cd /tmp/alt && rm -f fsdp_fastload/_C*.so && CC=/usr/bin/gcc CXX=/usr/bin/g++ timeout "$(limit 80)" \
-      $PY setup.py build_ext --inplace > "$OUT/build_alt.log" 2>&1; echo "alt build rc=$?")
-  (cd /tmp/alt && $PY -c "$RAISE"; echo "alt raise rc=$?")
+  (cd /tmp/alt && rm -f fsdp_fastload/_C*.so && CC=/opt/gcc/bin/gcc CXX=/opt/gcc/bin/g++ FSDP_FASTLOAD_KEEP_CXX=1 \
+      timeout "$(limit 80)" $PY setup.py build_ext --inplace > "$OUT/build_alt.log" 2>&1; echo "opt-gcc build rc=$?"
+   $PY -c "$RAISE"; echo "opt-gcc raise rc=$?"
+   L=$(dirname "$(realpath "$(/opt/gcc/bin/g++ -print-file-name=libstdc++.so.6)")")
+   LD_LIBRARY_PATH=$L:${LD_LIBRARY_PATH:-} $PY -c "$RAISE"; echo "opt-gcc, its own libstdc++ first: raise rc=$?")
 fi
 
 stage tests "$(limit 150)"
