@@ -497,7 +497,8 @@ def verify_shards(entries: list[Entry], slots: list[torch.Tensor], geos: list[Ge
             if per_rank[i] is None:  # recomputed on every rank, not sent
                 continue
             for r_i, r in enumerate(ranks):
-                want = checksum(_piece(per_rank[i][r_i]).to(e.dtype).contiguous())
+                # (on the slots' device: `checksum` sums on a GPU and CRCs on the host)
+                want = checksum(_piece(per_rank[i][r_i]).to(slots[i].device, e.dtype).contiguous())
                 if int(gathered[r_i][i]) != want:
                     bad.append(f"'{e.names[0]}' shard on rank {r}")
     box = [bad]

@@ -14,7 +14,8 @@ _CHUNK = 1 << 24
 
 
 def checksum(t: torch.Tensor) -> int:
-    """A 63-bit checksum of `t`'s bytes: CRC32 on the host; a position-weighted sum on devices."""
+    """A 63-bit checksum of `t`'s bytes: CRC32 on the host; a position-weighted sum on devices (so
+    compare only checksums of tensors on the same kind of device)."""
     b = byte_view(t)
     if b.device.type == "cpu":
         return zlib.crc32(memoryview(b.numpy())) if b.numel() else 0
