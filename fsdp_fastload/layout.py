@@ -22,10 +22,11 @@ from .source import FileTensor
 
 ALIGN = 64  # bytes: >= every dtype's itemsize, and a cache line (CPU's allocator aligns to it too)
 # CUDA: where the caching allocator puts every tensor allocated on its own (its blocks are multiples of
-# 512 bytes). Kernels choose by their operands' alignment: PyTorch gives cuBLASLt each matrix's
-# alignment up to 256 bytes as a heuristic preference, and a weight 64 bytes into such a line got
-# another kernel, and logits that differ in their last bits, than the same weight loaded by `.to("cuda")`
-# (seen on an H100, torch 2.11). So on CUDA every tensor starts where the allocator would start it.
+# 512 bytes). Kernels may choose by their operands' addresses (PyTorch hands cuBLASLt each matrix's
+# alignment, up to 256 bytes, as a heuristic preference). On an H100 (torch 2.11) the tests' tiny
+# models laid out at 64-byte offsets, from a CPU model or a checkpoint, failed the bit-exact comparison
+# with `.to("cuda")` (logits included) while the flow that kept the allocator's placement passed; at
+# 512 every flow passed. So on CUDA every tensor starts where the allocator would start it.
 CUDA_ALIGN = 512
 RUN_CHUNK = 4  # a run of back-to-back (or one big) tensors goes out in pieces of 4 buckets
 MAX_GAP = 4096  # bytes between two tensors of one storage that still count as back to back
