@@ -244,7 +244,7 @@ def main():
         rows = []
         for m in args.methods.split(","):
             prepare, run, what = METHODS[m]
-            times, status, peak = [], "-", 0
+            times, status, peak, phases = [], "-", 0, []
             if m == "floor_pinned" and not cuda:
                 continue
             try:
@@ -260,6 +260,10 @@ def main():
                     t0 = time.perf_counter()
                     model = run(state, ctx)
                     times.append(time.perf_counter() - t0)
+                    if m.startswith("ours"):  # where materialize's own time went (this rank's phases)
+                        from fsdp_fastload import api
+                        phases.append("/".join(f"{api.last_stats.get(k + '_s', float('nan')):.3f}"
+                                               for k in ("agree", "alloc", "fill", "install")))
                     if cuda:
                         peak = torch.cuda.max_memory_allocated(dev) - base
                     if i == 0 and model is not None:
@@ -271,15 +275,17 @@ def main():
             except Exception as e:  # a peer that fails here is reported, not fatal
                 status = f"raised {type(e).__name__}: {str(e)[:80]}"
             med = statistics.median(times) if times else float("nan")
-            rows.append((m, med, min(times) if times else float("nan"), peak, status, what))
+            phase = phases[times.index(med)] if phases and med in times else (phases[0] if phases else "")
+            rows.append((m, med, min(times) if times else float("nan"), peak, status, phase, what))
             print(f"[{name}] {m}: {med:.3f} s  {status}", flush=True)
         floor = next((r[1] for r in rows if r[0] == ("floor_pinned" if cuda else "floor_pageable")), float("nan"))
         lines += [f"### {name}: {total / 1e9:.2f} GB bf16", "",
-                  f"| method | median s | min s | GB/s | x {'floor_pinned' if cuda else 'floor_pageable'} | GPU peak GB | check | what |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for m, med, mn, peak, status, what in rows:
+                  f"| method | median s | min s | GB/s | x {'floor_pinned' if cuda else 'floor_pageable'} | GPU peak GB | check "
+                  "| agree/alloc/fill/install s | what |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for m, med, mn, peak, status, phase, what in rows:
             lines.append(f"| {m} | {med:.3f} | {mn:.3f} | {total / med / 1e9:.1f} | {med / floor:.2f} | "
-                         f"{peak / 1e9:.2f} | {status} | {what} |")
+                         f"{peak / 1e9:.2f} | {status} | {phase} | {what} |")
         lines.append("")
         if args.out:  # after each model: a run cut short keeps what it measured
             Path(args.out).write_text("\n".join(lines) + "\n")
