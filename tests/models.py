@@ -484,6 +484,16 @@ def one_allocation(tensors: list[torch.Tensor], align: int = 64, slack: int = 0)
     return bad
 
 
+def buffers_in_params_block(model: nn.Module) -> list[str]:
+    """The model's non-empty buffers whose memory lies between its parameters' first and last byte
+    (materialize's buffers must have left the parameters' block where it moves them)."""
+    params = list(model.parameters())
+    lo = min(p.data_ptr() for p in params)
+    hi = max(p.data_ptr() + p.untyped_storage().nbytes() for p in params)
+    return [f"buffer {n} still lies in the parameters' block" for n, b in model.named_buffers()
+            if b.numel() and lo <= b.data_ptr() < hi]
+
+
 def train_losses(model: nn.Module, inputs: dict, opt, *, steps: int = 3, backward=None) -> list[float]:
     """`steps` optimizer steps of causal-LM loss on fixed `inputs`; the loss of each step."""
     losses = []

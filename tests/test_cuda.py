@@ -49,17 +49,11 @@ def _block_checks(box: list, dev) -> list[str]:
     params = list({id(p): p for p in model.parameters()}.values())
     bufs = list(model.buffers())
     # gaps: src's own between tensors it holds back to back (kept, to send such runs in one piece)
-    # and, on CUDA, where the buffers lay before they moved out
+    # and where the buffers lay before they moved out
     slack = sum(t.untyped_storage().nbytes() for t in params) // 100 + ALIGN * len(params)
-    if dev.type != "cuda":  # (a dry run of this file's logic on CPU: the buffers stay)
-        return models.one_allocation(params + bufs, slack=slack)
     bad = models.one_allocation(params, align=ALIGN,
                                 slack=slack + sum(b.untyped_storage().nbytes() + ALIGN for b in bufs))
-    bad += models.one_allocation(bufs, align=ALIGN)
-    lo = min(p.data_ptr() for p in params)
-    hi = max(p.data_ptr() + p.untyped_storage().nbytes() for p in params)
-    bad += [f"buffer {n} lies in the parameters' block" for n, b in model.named_buffers()
-            if b.numel() and lo <= b.data_ptr() < hi]
+    bad += models.one_allocation(bufs, align=ALIGN) + models.buffers_in_params_block(model)
     param_bytes = sum(p.untyped_storage().nbytes() for p in params)
     gc.collect()
     torch.cuda.synchronize(dev)
@@ -82,8 +76,7 @@ def _hf_worker(rank, world, paths, source):
     from fsdp_fastload import materialize
 
     dev = _gpu(rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    torch.cuda.set_device(dev)
     out = {}
     for name, path in paths.items():
         try:
@@ -98,8 +91,7 @@ def _hf_worker(rank, world, paths, source):
             materialize(model, dev, state_dict=sd, poison=True, verify=True)
             ref = models.load_reference(path).to(dev)
             bad = compare(model, ref, lambda m: models.logits(m, models.example_inputs(m)), device=dev)
-            if dev.type == "cuda":
-                bad += _misaligned(model)
+            bad += _misaligned(model)
             del ref
             if not bad and (rank != 0 or source == "dir"):
                 box = [model]
@@ -136,9 +128,8 @@ def _fsdp2_worker(rank, world, paths):
     from fsdp_fastload.shard import _fsdp_params
 
     dev = _gpu(rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    mesh = init_device_mesh(dev.type, (world,))
+    torch.cuda.set_device(dev)
+    mesh = init_device_mesh("cuda", (world,))
     out = {}
     for name, path in paths.items():
         try:
@@ -147,10 +138,9 @@ def _fsdp2_worker(rank, world, paths):
             ref = models.load_reference(path).to(dev)
             out[name] = compare_sharded(model, ref, rank, world, device=dev, align=ALIGN,
                                         forward=lambda m: models.logits(m, models.example_inputs(m)))
-            if dev.type == "cuda":
-                out[name] += [f"{fp._module_info.param_name}: padded shard not {ALIGN}-aligned"
-                              for fp in _fsdp_params(model, [e for e in build_manifest(model) if e.cls == "DTensor"]).values()
-                              if fp._sharded_param_data.numel() and fp._sharded_param_data.data_ptr() % ALIGN]
+            out[name] += [f"{fp._module_info.param_name}: padded shard not {ALIGN}-aligned"
+                          for fp in _fsdp_params(model, [e for e in build_manifest(model) if e.cls == "DTensor"]).values()
+                          if fp._sharded_param_data.numel() and fp._sharded_param_data.data_ptr() % ALIGN]
         except Exception as e:
             out[name] = [f"raised {type(e).__name__}: {e}"]
     return out

@@ -761,9 +761,7 @@ def _own_buffers_worker(rank, world, flow):
         return bad
     params, bufs = list(model.parameters()), list(model.buffers())
     bad += models.one_allocation(params) + models.one_allocation(bufs)
-    lo, hi = min(p.data_ptr() for p in params), max(p.data_ptr() + p.untyped_storage().nbytes() for p in params)
-    bad += [f"buffer {n} still lies in the parameters' block" for n, b in model.named_buffers() if lo <= b.data_ptr() < hi]
-    return bad
+    return bad + models.buffers_in_params_block(model)
 
 
 @pytest.mark.parametrize("flow", ["model", "mapping"])
