@@ -8,7 +8,8 @@ exec > >(tee -a "$OUT/raise_diag.txt") 2>&1
 R='import torch; from fsdp_fastload import ops
 f = ops.alloc(4096, "cpu"); s = ops.encode_spec([torch.float32], [8], [(4,)])
 for n, c in [("alloc", lambda: ops.alloc(-1, "cpu")), ("bad dtype", lambda: ops.carve(f, [99, 0, 0])),
-             ("misaligned", lambda: ops.carve(f[1:], s))]:
+             ("misaligned", lambda: ops.carve(f[1:], s)),
+             ("read past EOF (returned, raised in Python)", lambda: ops.read_ranges("/proc/self/cmdline", f, [1 << 30], [0], [8]))]:
     try: c(); print(n, "NO RAISE")
     except RuntimeError as e: print(n, "raised:", str(e)[:70])'
 echo "CXX=${CXX:-} CC=${CC:-} LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"; which -a g++ c++

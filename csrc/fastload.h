@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <vector>
 
 namespace fsdp_fastload {
@@ -33,8 +34,13 @@ void poison_(at::Tensor& flat, int64_t value);
 
 // Read byte ranges of the file at `path` into the contiguous CPU tensor `dst` (its bytes),
 // range i: file_offsets[i] .. +lengths[i] -> dst bytes dst_offsets[i] .. +lengths[i].
-// Uses `num_threads` threads with pread (no GIL held); validates every range first.
-void read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_offsets,
+// Uses `num_threads` threads with pread (no GIL held); validates every range first. Never throws:
+// returns "" on success, else what went wrong (bad arguments, a file that cannot be opened, is
+// shorter than a range, or fails to read), which the Python wrapper raises. A read error is the
+// one failure of these ops that happens at run time whatever the caller checked (a checkpoint
+// truncated after its header was read), so it is kept off C++ exceptions: on one GPU image any
+// exception thrown inside the extension crashed the process (README, Limitations).
+std::string read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_offsets,
                  at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads);
 
 // Fault the pages of the CPU buffer `flat` in (writable) without writing them, so a receive into

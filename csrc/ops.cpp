@@ -17,6 +17,7 @@
 #include <cerrno>
 #include <cstring>
 #include <string>
+#include <system_error>
 #include <thread>
 
 namespace fsdp_fastload {
@@ -180,32 +181,32 @@ void poison_(at::Tensor& flat, int64_t value) {
   });
 }
 
-void read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_offsets,
-                 at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads) {
-  TORCH_CHECK(dst.is_cpu() && dst.is_contiguous(),
-              "fsdp_fastload read_ranges: destination must be a contiguous CPU tensor");
+// Returns "" or what went wrong: it never throws (see fastload.h).
+std::string read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_offsets,
+                        at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads) {
+  if (!(dst.is_cpu() && dst.is_contiguous()))
+    return "fsdp_fastload read_ranges: destination must be a contiguous CPU tensor";
   const int64_t n = static_cast<int64_t>(lengths.size());
-  TORCH_CHECK(static_cast<int64_t>(file_offsets.size()) == n &&
-                  static_cast<int64_t>(dst_offsets.size()) == n,
-              "fsdp_fastload read_ranges: file_offsets, dst_offsets and lengths differ in length");
+  if (static_cast<int64_t>(file_offsets.size()) != n || static_cast<int64_t>(dst_offsets.size()) != n)
+    return "fsdp_fastload read_ranges: file_offsets, dst_offsets and lengths differ in length";
   const int64_t dst_bytes = dst.numel() * static_cast<int64_t>(dst.element_size());
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  TORCH_CHECK(fd >= 0, "fsdp_fastload read_ranges: cannot open ", path, ": ", std::strerror(errno));
+  if (fd < 0) return c10::str("fsdp_fastload read_ranges: cannot open ", path, ": ", std::strerror(errno));
   struct Closer { int fd; ~Closer() { ::close(fd); } } closer{fd};
   struct stat st {};
-  TORCH_CHECK(::fstat(fd, &st) == 0 && S_ISREG(st.st_mode), "fsdp_fastload read_ranges: ", path,
-              " is not a regular file. Pass the path of a safetensors file.");
+  if (!(::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)))
+    return c10::str("fsdp_fastload read_ranges: ", path, " is not a regular file. Pass the path of a safetensors file.");
   const int64_t file_size = static_cast<int64_t>(st.st_size);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t fo = file_offsets[i], d = dst_offsets[i], len = lengths[i];
-    TORCH_CHECK(fo >= 0 && d >= 0 && len >= 0, "fsdp_fastload read_ranges: range ", i,
-                " has a negative offset or length");
-    TORCH_CHECK(len <= dst_bytes && d <= dst_bytes - len, "fsdp_fastload read_ranges: range ", i,
-                " writes bytes [", d, ", ", uint64_t(d) + uint64_t(len), ") outside the destination of ",
-                dst_bytes, " bytes");
-    TORCH_CHECK(len <= file_size && fo <= file_size - len, "fsdp_fastload read_ranges: range ", i,
-                " reads bytes [", fo, ", ", uint64_t(fo) + uint64_t(len), ") past the end of ", path, " (",
-                file_size, " bytes). The file is truncated or its header lies.");
+    if (!(fo >= 0 && d >= 0 && len >= 0))
+      return c10::str("fsdp_fastload read_ranges: range ", i, " has a negative offset or length");
+    if (!(len <= dst_bytes && d <= dst_bytes - len))
+      return c10::str("fsdp_fastload read_ranges: range ", i, " writes bytes [", d, ", ", uint64_t(d) + uint64_t(len),
+                 ") outside the destination of ", dst_bytes, " bytes");
+    if (!(len <= file_size && fo <= file_size - len))
+      return c10::str("fsdp_fastload read_ranges: range ", i, " reads bytes [", fo, ", ", uint64_t(fo) + uint64_t(len),
+                 ") past the end of ", path, " (", file_size, " bytes). The file is truncated or its header lies.");
   }
 #ifdef POSIX_FADV_SEQUENTIAL
   ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
@@ -241,12 +242,19 @@ void read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, chunks.size()));
   {
     std::vector<std::thread> pool;
-    for (int64_t t = 1; t < threads; ++t) pool.emplace_back(work);
+    for (int64_t t = 1; t < threads; ++t) {
+      try {
+        pool.emplace_back(work);
+      } catch (const std::system_error&) {  // no thread to be had: the ones started (and this one) do it
+        break;
+      }
+    }
     work();
     for (auto& th : pool) th.join();
   }
-  TORCH_CHECK(err == 0, "fsdp_fastload read_ranges: reading ", path, " failed: ", std::strerror(err.load()));
-  TORCH_CHECK(!short_read, "fsdp_fastload read_ranges: ", path, " ended early (was it truncated while reading?)");
+  if (err != 0) return c10::str("fsdp_fastload read_ranges: reading ", path, " failed: ", std::strerror(err.load()));
+  if (short_read) return c10::str("fsdp_fastload read_ranges: ", path, " ended early (was it truncated while reading?)");
+  return "";
 }
 
 bool prefault(const at::Tensor& flat) {
@@ -347,7 +355,9 @@ TORCH_LIBRARY(fsdp_fastload, m) {
   m.def("poison_(Tensor(a!) flat, int value=255) -> ()");
   m.def("prefault(Tensor flat) -> bool");
   m.def("copy_ranges(Tensor(a!) dst, Tensor[] srcs, int[] src_offsets, int[] dst_offsets, int[] lengths) -> ()");
-  m.def("read_ranges(str path, Tensor(a!) dst, int[] file_offsets, int[] dst_offsets, int[] lengths, int num_threads=4) -> ()");
+  // Returns "" or the error: a failure at run time (a file truncated or changed after its header was
+  // read, an I/O error) comes back as text, raised in Python, never thrown through the dispatcher.
+  m.def("read_ranges(str path, Tensor(a!) dst, int[] file_offsets, int[] dst_offsets, int[] lengths, int num_threads=4) -> str");
 }
 
 TORCH_LIBRARY_IMPL(fsdp_fastload, CompositeExplicitAutograd, m) {

@@ -286,7 +286,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "read_ranges")
     def _(path, dst, file_offsets, dst_offsets, lengths, num_threads=4):
-        return None
+        return ""
 
 
 # --------------------------------------------------------------------------------- public wrappers
@@ -372,9 +372,13 @@ def copy_ranges(dst: torch.Tensor, srcs: Sequence[torch.Tensor], src_offsets: Se
 
 def read_ranges(path: str, dst: torch.Tensor, file_offsets: Sequence[int], dst_offsets: Sequence[int],
                 lengths: Sequence[int], *, num_threads: int = 4) -> None:
-    """Read byte ranges of the file `path` into `dst`'s bytes (threads, no GIL, validated first)."""
+    """Read byte ranges of the file `path` into `dst`'s bytes (threads, no GIL, validated first).
+    Raises RuntimeError naming the range or the file; the compiled op returns that text instead of
+    throwing it (see csrc/fastload.h), and it is raised here."""
     args = (os.fspath(path), dst, list(file_offsets), list(dst_offsets), list(lengths), int(num_threads))
     if _load_extension():
-        torch.ops.fsdp_fastload.read_ranges(*args)
+        problem = torch.ops.fsdp_fastload.read_ranges(*args)
+        if problem:
+            raise RuntimeError(problem)
     else:
         _read_ranges_ref(*args)
