@@ -17,7 +17,7 @@ cmake --build build/cmake
 ctest --test-dir build/cmake --output-on-failure
 
 # Again under AddressSanitizer: the C++ tests feed read_ranges out-of-range and overflowing ranges,
-# which must throw before pread writes a byte (ASan aborts on any out-of-bounds write, also inside
+# which must be refused before pread writes a byte (ASan aborts on any out-of-bounds write, also inside
 # pread). LeakSanitizer stays on: with torch 2.13 it reports nothing, so no ASAN_OPTIONS needed.
 cmake -S . -B build/cmake-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFSDP_FASTLOAD_ASAN=ON \
   -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
