@@ -5,13 +5,24 @@
 # report file, $OUT/raise_diag.txt. Builds under /tmp (the checkout's own build is left alone).
 set -u; OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; PY=${PYTHON:-python3}; export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/raise_diag.txt") 2>&1
-R='import torch; from fsdp_fastload import ops
+R='import os, torch; from fsdp_fastload import ops
 f = ops.alloc(4096, "cpu"); s = ops.encode_spec([torch.float32], [8], [(4,)])
-for n, c in [("alloc", lambda: ops.alloc(-1, "cpu")), ("bad dtype", lambda: ops.carve(f, [99, 0, 0])),
-             ("misaligned", lambda: ops.carve(f[1:], s)),
-             ("read past EOF (returned, raised in Python)", lambda: ops.read_ranges("/proc/self/cmdline", f, [1 << 30], [0], [8]))]:
-    try: c(); print(n, "NO RAISE")
-    except RuntimeError as e: print(n, "raised:", str(e)[:70])'
+cases = [("alloc", lambda: ops.alloc(-1, "cpu")), ("bad dtype", lambda: ops.carve(f, [99, 0, 0])),
+         ("misaligned", lambda: ops.carve(f[1:], s)),
+         ("read past EOF (returned, raised in Python)", lambda: ops.read_ranges("/proc/self/cmdline", f, [1 << 30], [0], [8])),
+         # thrown by the caching allocator, through the op: does a throw inside libtorch crash too?
+         ("cuda OOM in alloc", lambda: ops.alloc(1 << 50, "cuda")),
+         ("cuda OOM, no extension frame", lambda: torch.empty(1 << 50, dtype=torch.uint8, device="cuda"))]
+crashed = 0
+for n, c in cases:  # each in a child of its own: one crash does not hide the next case
+    pid = os.fork()
+    if pid == 0:
+        try: c(); print(n, "NO RAISE", flush=True)
+        except Exception as e: print(n, "raised:", type(e).__name__, str(e)[:70], flush=True)
+        os._exit(0)
+    st = os.waitpid(pid, 0)[1]
+    if os.WIFSIGNALED(st): print(n, "CRASHED: signal", os.WTERMSIG(st), flush=True); crashed = 1
+raise SystemExit(crashed)'
 echo "CXX=${CXX:-} CC=${CC:-} LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"; which -a g++ c++
 for c in /opt/gcc/bin/g++ /usr/bin/g++; do [ -x "$c" ] && { echo "== $c"; file -L "$c" | cut -c1-120
   $c --version | head -1; realpath "$($c -print-file-name=libstdc++.so.6)" "$($c -print-file-name=libgcc_s.so.1)"; }; done
