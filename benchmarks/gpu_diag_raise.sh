@@ -11,7 +11,8 @@ cases = [("alloc", lambda: ops.alloc(-1, "cpu")), ("bad dtype", lambda: ops.carv
          ("misaligned", lambda: ops.carve(f[1:], s)),
          ("read past EOF (returned, raised in Python)", lambda: ops.read_ranges("/proc/self/cmdline", f, [1 << 30], [0], [8])),
          # thrown by the caching allocator, through the op: does a throw inside libtorch crash too?
-         ("cuda OOM in alloc", lambda: ops.alloc(1 << 50, "cuda")),
+         ("cuda OOM in alloc", lambda: torch.ops.fsdp_fastload.alloc(1 << 50, torch.device("cuda"), False)),
+         ("cuda OOM, refused before the op", lambda: ops.alloc(1 << 50, "cuda")),
          ("cuda OOM, no extension frame", lambda: torch.empty(1 << 50, dtype=torch.uint8, device="cuda"))]
 crashed = 0
 for n, c in cases:  # each in a child of its own: one crash does not hide the next case

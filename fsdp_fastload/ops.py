@@ -292,11 +292,33 @@ def _register_fakes() -> None:
 # --------------------------------------------------------------------------------- public wrappers
 
 def alloc(nbytes: int, device: torch.device | str, *, pin_memory: bool = False) -> torch.Tensor:
-    """One uninitialized uint8 buffer of `nbytes` on `device` (no fill, no page touched)."""
+    """One uninitialized uint8 buffer of `nbytes` on `device` (no fill, no page touched).
+
+    On CUDA a request larger than the device could give at all (its free memory plus what the
+    caching allocator holds unused) is refused here, in Python, before the op runs: the common
+    out-of-memory (a model that does not fit) then never throws inside the extension (on one GPU
+    image any exception thrown there crashed the process; README, Limitations)."""
     device = torch.device(device)
+    if device.type == "cuda" and nbytes > 0:
+        _check_cuda_fits(int(nbytes), device)
     if _load_extension():
         return torch.ops.fsdp_fastload.alloc(int(nbytes), device, pin_memory)
     return _alloc_ref(int(nbytes), device, pin_memory)
+
+
+def _check_cuda_fits(nbytes: int, device: torch.device) -> None:
+    """Raise torch.OutOfMemoryError if `nbytes` exceeds every byte the caching allocator could
+    obtain on `device` (the driver's free memory plus its reserved but unallocated blocks): such a
+    request fails in any case. Smaller ones are left to the allocator (fragmentation may still fail)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+    if nbytes > free + cached:
+        gib = 2 ** 30
+        raise torch.OutOfMemoryError(
+            f"CUDA out of memory (fsdp_fastload alloc, checked before allocating): tried to allocate "
+            f"{nbytes / gib:.2f} GiB on cuda:{index}, which has {free / gib:.2f} GiB free of {total / gib:.2f} "
+            f"GiB and {cached / gib:.2f} GiB cached by PyTorch's allocator unused.")
 
 
 def carve(flat: torch.Tensor, spec: Sequence[int]) -> list[torch.Tensor]:

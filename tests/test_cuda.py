@@ -153,3 +153,16 @@ def test_fsdp2_on_cuda_mesh_bit_exact(ckpts):
     for rank, r in enumerate(res):
         for name, bad in r.items():
             assert bad == [], f"rank {rank} {name}: {bad}"
+
+
+def test_alloc_beyond_the_device_raises_in_python():
+    """A buffer larger than the GPU could ever give is refused before the op runs (a clean
+    OutOfMemoryError naming the sizes; on one image any exception thrown inside the extension
+    crashed the process), and a fitting one still allocates."""
+    from fsdp_fastload import ops
+
+    dev = torch.device("cuda", 0)
+    _, total = torch.cuda.mem_get_info(0)
+    with pytest.raises(torch.OutOfMemoryError, match=r"fsdp_fastload alloc, checked before allocating.*cuda:0"):
+        ops.alloc(2 * total, dev)
+    assert ops.alloc(1 << 20, dev).numel() == 1 << 20
