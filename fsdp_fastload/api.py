@@ -24,7 +24,7 @@ from .install import own_buffers
 from .install import prepare as prepare_install
 from .layout import Layout, device_align, memory_facts, plan
 from .manifest import Entry, build_manifest, fingerprint, summary
-from .source import CheckpointError, FileTensor, hf_renamed, match, open_source
+from .source import CheckpointError, FileTensor, extra_state_key, hf_renamed, match, open_source
 from .verify import verify as _verify
 
 logger = logging.getLogger("fsdp_fastload")
@@ -466,7 +466,7 @@ def _extra_from_checkpoint(source: dict, extra_mods: list) -> dict | None:
         return None
     out, missing = {}, []
     for path, _ in extra_mods:
-        v = source.pop(f"{path}._extra_state" if path else "_extra_state", None)
+        v = source.pop(extra_state_key(path), None)
         if v is None:
             missing.append(path or "<root>")
         else:

@@ -173,11 +173,20 @@ def checkpoint_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in found]
 
 
+# the state_dict key of a module's extra state, after its path (torch's _EXTRA_STATE_KEY_SUFFIX)
+EXTRA_STATE = "_extra_state"
+
+
+def extra_state_key(path: str) -> str:
+    """The state_dict key of the extra state of the module at `path` ('' for the root)."""
+    return f"{path}.{EXTRA_STATE}" if path else EXTRA_STATE
+
+
 def open_source(state_dict) -> dict[str, torch.Tensor | FileTensor]:
     """name -> tensor (mapping source) or FileTensor (safetensors source), validated."""
     if isinstance(state_dict, Mapping):
         bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)  # (extra state: any object)
-               and not (k == "_extra_state" or k.endswith("._extra_state"))]
+               and not (k == EXTRA_STATE or k.endswith("." + EXTRA_STATE))]
         if bad:
             raise CheckpointError(f"state_dict values must be tensors; {bad[:5]} are not")
         return dict(state_dict)
