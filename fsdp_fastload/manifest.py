@@ -178,15 +178,34 @@ def dense_strides(t: torch.Tensor) -> tuple[int, ...] | None:
 
 
 def _placement(t, meshes: dict, places: dict) -> tuple:
-    """A DTensor's (placements spelled out, mesh shape, mesh ranks). A model's DTensors share a
-    handful of (placements, mesh) pairs: each is spelled out once per call, and its entries share
-    the one tuple (~0.7 us a DTensor otherwise)."""
+    """A DTensor's (placements spelled out, mesh shape, mesh ranks), on its root mesh (see
+    `root_view`: the same on every rank). A model's DTensors share a handful of (placements, mesh)
+    pairs: each is spelled out once per call, and its entries share the one tuple (~0.7 us a DTensor
+    otherwise)."""
     pls, mesh = t.placements, t.device_mesh
     got = places.get((id(pls), id(mesh)))
     if got is None or got[0] is not pls or got[1] is not mesh:
-        shape, ranks = mesh_grid(mesh, meshes)
-        got = places[(id(pls), id(mesh))] = (pls, mesh, (tuple(str(p) for p in pls), shape, tuple(ranks)))
+        root, root_pls = root_view(mesh, pls)
+        shape, ranks = mesh_grid(root, meshes)
+        got = places[(id(pls), id(mesh))] = (pls, mesh, (tuple(str(p) for p in root_pls), shape, tuple(ranks)))
     return got[2]
+
+
+def root_view(mesh, placements) -> tuple:
+    """(mesh, placements) of a DTensor as seen on the mesh its mesh was sliced from: a parameter that
+    FSDP2 alone shards on the `dp` dimension of a (dp, tp) mesh lives on the 1-D `dp` sub-mesh of its
+    own tp rank (ranks [0, 2] on some ranks, [1, 3] on others); on the root mesh it is the same tensor
+    on every rank, `Replicate()` along the dimensions the sub-mesh leaves out. A mesh that is its own
+    root, or whose dimensions are not named dimensions of its root (a flattened one), is returned as is."""
+    get_root = getattr(mesh, "_get_root_mesh", None)
+    root = get_root() if get_root is not None else None
+    names, root_names = getattr(mesh, "mesh_dim_names", None), getattr(root, "mesh_dim_names", None)
+    if root is None or root is mesh or not names or not root_names or not set(names) <= set(root_names) \
+            or root.ndim == mesh.ndim:
+        return mesh, tuple(placements)
+    from torch.distributed.tensor import Replicate
+
+    return root, tuple(placements[names.index(n)] if n in names else Replicate() for n in root_names)
 
 
 def summary(entries: list[Entry]) -> list[tuple]:

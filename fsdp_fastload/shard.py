@@ -82,18 +82,39 @@ def geometry(e: Entry, group_ranks: list[int], cache: dict) -> Geometry | str:
     return got
 
 
+def _fsdp_over_tp(i: int, placements, mesh_shape: tuple) -> bool:
+    """Whether placement i is FSDP2's `_StridedShard` over tensor parallelism: dimension d split by
+    the later mesh dimensions first (those that `Shard(d)`, `split_factor` ways in all), then each of
+    those pieces by this one. Every rank's shard is then a chunk of a chunk: one box of the tensor."""
+    p = placements[i]
+    if type(p).__name__ != "_StridedShard" or not isinstance(getattr(p, "split_factor", None), int):
+        return False
+    from torch.distributed.tensor import Shard
+
+    later = 1
+    for j in range(i + 1, len(placements)):
+        if type(placements[j]) is Shard and placements[j].dim == p.dim:
+            later *= mesh_shape[j]
+    return p.split_factor == later > 1
+
+
 def _geometry(shape: tuple, mesh, placements, group_ranks: list[int], cache: dict) -> Geometry | str:
     """The boxes of one (global shape, mesh, placements), shared by every entry that has them
     (a model's layers repeat a handful of shapes); a message with '{name}' if not supported."""
     from torch.distributed.tensor import Replicate, Shard
 
-    from .manifest import mesh_grid
+    from .manifest import mesh_grid, root_view
 
-    odd = [repr(p) for p in placements if type(p) not in (Shard, Replicate)]
-    if odd:
-        return ("not supported: '{name}' is a DTensor with placements " + str(odd) + " (only Shard and "
-                "Replicate). Materialize the model before applying this parallelism, or use Shard/Replicate.")
+    sub_mesh, sub_placements = mesh, placements
+    mesh, placements = root_view(mesh, placements)
     mesh_shape, ranks = mesh_grid(mesh, cache)
+    strided = [i for i, p in enumerate(placements) if type(p) not in (Shard, Replicate)
+               and _fsdp_over_tp(i, placements, mesh_shape)]
+    odd = [repr(p) for i, p in enumerate(placements) if type(p) not in (Shard, Replicate) and i not in strided]
+    if odd:
+        return ("not supported: '{name}' is a DTensor with placements " + str(odd) + " (only Shard, Replicate "
+                "and FSDP2's _StridedShard over tensor parallelism). Materialize the model before applying "
+                "this parallelism, or use Shard/Replicate.")
     if sorted(ranks) != sorted(group_ranks):
         return (f"not supported: '{{name}}' lives on a device mesh of ranks {ranks[:8]} but materialize runs "
                 f"over the group of ranks {group_ranks[:8]}. Pass group= covering exactly the mesh's ranks.")
@@ -106,13 +127,23 @@ def _geometry(shape: tuple, mesh, placements, group_ranks: list[int], cache: dic
                 c.append(rest % n)
                 rest //= n
             coords[r] = tuple(reversed(c))
-    boxes = tuple(_box(shape, mesh_shape, coords[r], placements) for r in group_ranks)
+    if strided:  # torch's own arithmetic for every rank (its `compute_local_shape_and_global_offset`, per coordinate)
+        try:
+            from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset as local_box
+
+            boxes = tuple(tuple(map(tuple, local_box(shape, mesh_shape, list(coords[r]), placements)))
+                          for r in group_ranks)
+        except Exception as e:  # noqa: BLE001  (another torch's internals)
+            return (f"not supported: '{{name}}' is sharded with {placements[strided[0]]!r} and this torch does not "
+                    f"give each rank's shard ({type(e).__name__}: {e}). Materialize the model before sharding it.")
+    else:
+        boxes = tuple(_box(shape, mesh_shape, coords[r], placements) for r in group_ranks)
     me = group_ranks.index(dist.get_rank())
-    key = ("checked", id(mesh), tuple(placements))
+    key = ("checked", id(sub_mesh), tuple(sub_placements))
     if key not in cache:  # our chunk arithmetic against torch's own, once per (mesh, placements)
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        want = compute_local_shape_and_global_offset(shape, mesh, placements)
+        want = compute_local_shape_and_global_offset(shape, sub_mesh, sub_placements)
         if (tuple(want[0]), tuple(want[1])) != (tuple(boxes[me][0]), tuple(boxes[me][1])):
             return (f"not supported: '{{name}}': torch places its local shard at {tuple(want[0])}, offset "
                     f"{tuple(want[1])}, but torch.chunk placement gives {boxes[me][0]} at offset "
@@ -403,7 +434,9 @@ def prepare_shards(module: nn.Module, entries: list[Entry], slots: list[torch.Te
         for k, val in getattr(old, "__dict__", {}).items():
             new.__dict__.setdefault(k, val)
         fp = fsdp.get(id(old))
-        if fp is not None and _numel(fp.padded_sharded_param_size) != slot.numel():
+        # FSDP2's padded shard: the slot (the largest shard in the group), or a prefix of it where
+        # FSDP2 pads within a smaller group (its dp sub-mesh under tensor parallelism)
+        if fp is not None and _numel(fp.padded_sharded_param_size) > slot.numel():
             raise RuntimeError(f"fsdp_fastload: FSDP2 pads '{e.names[0]}' to "
                                f"{tuple(fp.padded_sharded_param_size)} but its slot holds {slot.numel()} "
                                "elements; please report this with your torch version.")
@@ -444,6 +477,9 @@ def install_shards(entries: list[Entry], slots: list[torch.Tensor], prepared: li
             owner_table(mod, attr, e.kind)[attr] = new
         if fp is None:
             continue
+        padded = _numel(fp.padded_sharded_param_size)
+        if padded != slot.numel():
+            slot = slot[:padded]
         fp._sharded_param_data = slot  # the padded shard (1-D): same storage, so no re-pad copy
         fp.sharded_param = new
         pinned = getattr(fp, "pin_memory", True)  # per fully_shard group: offload policies may differ

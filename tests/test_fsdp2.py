@@ -545,3 +545,112 @@ def test_wrapped_layers_into_fsdp2_shards(ckpts):
     for rank, res in enumerate(run_ranks(_wrapped_fsdp2_worker, 2, cases, ("ac", "compile_ac"), timeout=300)):
         for name, bad in res.items():
             assert bad == [], f"rank {rank} {name}: {bad}"
+
+
+class TPNet(nn.Module):
+    """torchtitan's 2-D recipe in small: tensor parallel on the `tp` mesh dimension (column-wise
+    layers: FSDP2 then shards their TP shard's rows again, `_StridedShard`; row-wise: `Shard(1)` on
+    tp, `Shard(0)` on dp), FSDP2 on `dp`, and modules only FSDP2 shards (on the `dp` sub-mesh alone).
+    Uneven sizes everywhere: 10 and 5 rows over tp 2 then dp 2 give padded shards of different sizes
+    on the two tp ranks."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(6, 10)  # column-wise
+        self.down = nn.Linear(10, 7)  # row-wise
+        self.norm = nn.LayerNorm(7)  # FSDP2 only
+        self.head = nn.Linear(7, 5)  # column-wise, output gathered
+        self.register_buffer("scale", torch.tensor([1.5, -0.5, 2.0, 1.0, 0.25]))
+
+    def forward(self, x):
+        return self.head(self.norm(self.down(torch.relu(self.up(x))))) * self.scale
+
+
+def _tp_net(device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.device(device):
+        m = TPNet()
+    if device != "meta":
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    return m
+
+
+def _tp_fsdp(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel(),
+                                           "head": ColwiseParallel(output_layouts=Replicate())})
+    for m in (model.up, model.down, model.norm, model.head, model):
+        fully_shard(m, mesh=mesh["dp"])
+    return model
+
+
+def _tp_worker(rank, world, source):
+    """Every tensor against torch's own 2-D sharding of the reference (the real model sharded the same
+    way on every rank): same placements, each local shard and FSDP2's padded shard bit for bit,
+    full_tensor() bit for bit with single-process loading, and the sharded forward bit for bit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from fsdp_fastload import materialize
+    from fsdp_fastload.manifest import build_manifest
+    from fsdp_fastload.shard import _fsdp_params
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    ref = _tp_net("cpu")
+    full = _tensors(ref)
+    torch_sharded = _tp_fsdp(_tp_net("cpu"), mesh)
+    model = _tp_fsdp(_tp_net("meta"), mesh)
+    sd = (dict(ref.state_dict()) if source == "mapping" else source) if rank == 0 else None
+    materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
+    bad = []
+    got, want = _tensors(model), _tensors(torch_sharded)
+    for n, w in want.items():
+        g = got[n]
+        if isinstance(w, DTensor):
+            if not isinstance(g, DTensor) or g.placements != w.placements or g.device_mesh != w.device_mesh:
+                bad.append(f"{n}: {type(g).__name__} {getattr(g, 'placements', None)}, torch: {w.placements}")
+                continue
+            if not torch.equal(g._local_tensor, w._local_tensor):
+                bad.append(f"{n}: local shard differs from torch's own")
+            if not torch.equal(g.full_tensor(), full[n]):
+                bad.append(f"{n}: full_tensor() differs")
+        elif not torch.equal(g, w):
+            bad.append(f"{n}: replicated tensor differs")
+    fps = _fsdp_params(model, [e for e in build_manifest(model) if e.cls == "DTensor"])
+    theirs = _fsdp_params(torch_sharded, [e for e in build_manifest(torch_sharded) if e.cls == "DTensor"])
+    if len(fps) != 8:
+        bad.append(f"FSDP2 manages {len(fps)} of the 8 parameters")
+    for (n, p), (_, q) in zip(model.named_parameters(), torch_sharded.named_parameters()):
+        fp, tp = fps[id(p)], theirs[id(q)]
+        data = fp._sharded_param_data
+        if data.untyped_storage().data_ptr() != fp.sharded_param._local_tensor.untyped_storage().data_ptr():
+            bad.append(f"{n}: FSDP2's padded shard is a copy")
+        if data.shape != tp._sharded_param_data.shape or not torch.equal(data, tp._sharded_param_data):
+            bad.append(f"{n}: FSDP2's padded shard {tuple(data.shape)} differs from torch's own "
+                       f"{tuple(tp._sharded_param_data.shape)} (padding included)")
+        state, local = dict(fp.__dict__), fp.sharded_param._local_tensor
+        fp.reset_sharded_param()
+        if fp.sharded_param._local_tensor is not local or any(
+                fp.__dict__.get(k) is not v for k, v in state.items()) or fp.__dict__.keys() != state.keys():
+            bad.append(f"{n}: FSDP2's reset_sharded_param changed its state")
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    if not bad and not torch.equal(model(x).detach(), torch_sharded(x).detach()):
+        bad.append("forward differs from torch's own sharded reference")
+    return bad
+
+
+@pytest.mark.parametrize("source", ["mapping", "file"])
+def test_tensor_parallel_with_fsdp2_two_dim_mesh(tmp_path, source):
+    """4 ranks, a (dp 2, tp 2) mesh: `_StridedShard` column-wise weights, row-wise `Shard(1)`, and
+    parameters FSDP2 alone shards on the dp sub-mesh (one per tp rank), from a mapping or a file."""
+    if source == "file":
+        from safetensors.torch import save_file
+
+        source = str(tmp_path / "model.safetensors")
+        save_file({k: v.contiguous() for k, v in _tp_net("cpu").state_dict().items()}, source)
+    assert run_ranks(_tp_worker, 4, source, timeout=300) == [[]] * 4
