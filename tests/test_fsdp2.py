@@ -589,24 +589,16 @@ def _tp_fsdp(model, mesh):
     return model
 
 
-def _tp_worker(rank, world, source):
-    """Every tensor against torch's own 2-D sharding of the reference (the real model sharded the same
-    way on every rank): same placements, each local shard and FSDP2's padded shard bit for bit,
-    full_tensor() bit for bit with single-process loading, and the sharded forward bit for bit."""
-    from torch.distributed.device_mesh import init_device_mesh
+def _compare_with_torch_sharding(model, torch_sharded, full) -> list[str]:
+    """`model` (materialized) against `torch_sharded` (the reference sharded the same way by torch
+    itself, on every rank): same placements and meshes, each local shard and FSDP2's padded shard
+    (padding included) bit for bit, full_tensor() bit for bit with `full` (single-process), FSDP2's
+    storage ours and its own reset finding nothing to do."""
     from torch.distributed.tensor import DTensor
 
-    from fsdp_fastload import materialize
     from fsdp_fastload.manifest import build_manifest
     from fsdp_fastload.shard import _fsdp_params
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    ref = _tp_net("cpu")
-    full = _tensors(ref)
-    torch_sharded = _tp_fsdp(_tp_net("cpu"), mesh)
-    model = _tp_fsdp(_tp_net("meta"), mesh)
-    sd = (dict(ref.state_dict()) if source == "mapping" else source) if rank == 0 else None
-    materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
     bad = []
     got, want = _tensors(model), _tensors(torch_sharded)
     for n, w in want.items():
@@ -623,8 +615,8 @@ def _tp_worker(rank, world, source):
             bad.append(f"{n}: replicated tensor differs")
     fps = _fsdp_params(model, [e for e in build_manifest(model) if e.cls == "DTensor"])
     theirs = _fsdp_params(torch_sharded, [e for e in build_manifest(torch_sharded) if e.cls == "DTensor"])
-    if len(fps) != 8:
-        bad.append(f"FSDP2 manages {len(fps)} of the 8 parameters")
+    if len(fps) != len(theirs) or not fps:
+        bad.append(f"FSDP2 manages {len(fps)} parameters, {len(theirs)} in torch's own sharding")
     for (n, p), (_, q) in zip(model.named_parameters(), torch_sharded.named_parameters()):
         fp, tp = fps[id(p)], theirs[id(q)]
         data = fp._sharded_param_data
@@ -638,6 +630,21 @@ def _tp_worker(rank, world, source):
         if fp.sharded_param._local_tensor is not local or any(
                 fp.__dict__.get(k) is not v for k, v in state.items()) or fp.__dict__.keys() != state.keys():
             bad.append(f"{n}: FSDP2's reset_sharded_param changed its state")
+    return bad
+
+
+def _tp_worker(rank, world, source):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fsdp_fastload import materialize
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    ref = _tp_net("cpu")
+    torch_sharded = _tp_fsdp(_tp_net("cpu"), mesh)
+    model = _tp_fsdp(_tp_net("meta"), mesh)
+    sd = (dict(ref.state_dict()) if source == "mapping" else source) if rank == 0 else None
+    materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
+    bad = _compare_with_torch_sharding(model, torch_sharded, _tensors(ref))
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
     if not bad and not torch.equal(model(x).detach(), torch_sharded(x).detach()):
         bad.append("forward differs from torch's own sharded reference")
@@ -654,3 +661,44 @@ def test_tensor_parallel_with_fsdp2_two_dim_mesh(tmp_path, source):
         source = str(tmp_path / "model.safetensors")
         save_file({k: v.contiguous() for k, v in _tp_net("cpu").state_dict().items()}, source)
     assert run_ranks(_tp_worker, 4, source, timeout=300) == [[]] * 4
+
+
+def _llama_tp(model, mesh):
+    """torchtitan's Llama plan (no sequence parallelism) on `tp`, FSDP2 per layer and root on `dp`."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Replicate())}
+    for i in range(len(model.model.layers)):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
+    parallelize_module(model, mesh["tp"], plan)
+    return shard_model(model, mesh["dp"])
+
+
+def _llama_tp_worker(rank, world, path):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fsdp_fastload import materialize
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    ref = models.load_reference(path)
+    inputs = models.example_inputs(ref)
+    full = _tensors(ref)
+    torch_sharded = _llama_tp(models.load_reference(path), mesh)
+    model = _llama_tp(models.build_meta(path), mesh)
+    materialize(model, "cpu", state_dict=path if rank == 0 else None, verify=True)
+    bad = _compare_with_torch_sharding(model, torch_sharded, full)
+    if not bad and not torch.equal(models.logits(model, inputs), models.logits(torch_sharded, inputs)):
+        bad.append("logits differ from torch's own sharded reference")
+    return bad
+
+
+def test_llama_tensor_parallel_with_fsdp2(ckpts):
+    """A transformers Llama from its checkpoint directory, torchtitan's TP plan on a (dp 2, tp 2)
+    mesh: every shard as torch shards `from_pretrained`'s model, the sharded logits bit for bit."""
+    assert run_ranks(_llama_tp_worker, 4, ckpts["llama"], timeout=300) == [[]] * 4
