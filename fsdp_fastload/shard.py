@@ -1,7 +1,10 @@
 """DTensor (FSDP2) parameters: every rank allocates and receives only its own local shard.
 
 A model sharded with ``fully_shard`` on ``meta`` holds DTensor parameters whose local shard on each
-rank is a box of the full tensor (``Shard(d)``: a ``torch.chunk`` piece; ``Replicate``: all of it).
+rank is a box of the full tensor (``Shard(d)``: a ``torch.chunk`` piece; ``Replicate``: all of it;
+FSDP2's ``_StridedShard`` over tensor parallelism: a chunk of a TP chunk). A DTensor on a named
+sub-mesh (FSDP2's ``dp`` dimension of a (dp, tp) mesh) is placed on its root mesh, replicated
+along the dimensions the sub-mesh leaves out.
 Each such entry gets one *slot* per rank, the same size on every rank (the largest local shard,
 which is FSDP2's padded shard), and all slots live in a shard space laid out like the replicated
 one (`layout.plan` over one virtual 1-D entry per slot). Bucket k of the shard space is moved with
