@@ -577,14 +577,14 @@ def _tp_net(device, seed=0):
     return m
 
 
-def _tp_fsdp(model, mesh):
+def _tp_fsdp(model, mesh, fsdp=True):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel(),
                                            "head": ColwiseParallel(output_layouts=Replicate())})
-    for m in (model.up, model.down, model.norm, model.head, model):
+    for m in (model.up, model.down, model.norm, model.head, model) if fsdp else ():
         fully_shard(m, mesh=mesh["dp"])
     return model
 
@@ -615,9 +615,11 @@ def _compare_with_torch_sharding(model, torch_sharded, full) -> list[str]:
             bad.append(f"{n}: replicated tensor differs")
     fps = _fsdp_params(model, [e for e in build_manifest(model) if e.cls == "DTensor"])
     theirs = _fsdp_params(torch_sharded, [e for e in build_manifest(torch_sharded) if e.cls == "DTensor"])
-    if len(fps) != len(theirs) or not fps:
+    if len(fps) != len(theirs):
         bad.append(f"FSDP2 manages {len(fps)} parameters, {len(theirs)} in torch's own sharding")
     for (n, p), (_, q) in zip(model.named_parameters(), torch_sharded.named_parameters()):
+        if id(q) not in theirs:  # tensor parallel alone
+            continue
         fp, tp = fps[id(p)], theirs[id(q)]
         data = fp._sharded_param_data
         if data.untyped_storage().data_ptr() != fp.sharded_param._local_tensor.untyped_storage().data_ptr():
@@ -633,15 +635,15 @@ def _compare_with_torch_sharding(model, torch_sharded, full) -> list[str]:
     return bad
 
 
-def _tp_worker(rank, world, source):
+def _tp_worker(rank, world, source, fsdp):
     from torch.distributed.device_mesh import init_device_mesh
 
     from fsdp_fastload import materialize
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     ref = _tp_net("cpu")
-    torch_sharded = _tp_fsdp(_tp_net("cpu"), mesh)
-    model = _tp_fsdp(_tp_net("meta"), mesh)
+    torch_sharded = _tp_fsdp(_tp_net("cpu"), mesh, fsdp)
+    model = _tp_fsdp(_tp_net("meta"), mesh, fsdp)
     sd = (dict(ref.state_dict()) if source == "mapping" else source) if rank == 0 else None
     materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
     bad = _compare_with_torch_sharding(model, torch_sharded, _tensors(ref))
@@ -651,16 +653,17 @@ def _tp_worker(rank, world, source):
     return bad
 
 
-@pytest.mark.parametrize("source", ["mapping", "file"])
-def test_tensor_parallel_with_fsdp2_two_dim_mesh(tmp_path, source):
+@pytest.mark.parametrize("source,fsdp", [("mapping", True), ("file", True), ("file", False)])
+def test_tensor_parallel_with_fsdp2_two_dim_mesh(tmp_path, source, fsdp):
     """4 ranks, a (dp 2, tp 2) mesh: `_StridedShard` column-wise weights, row-wise `Shard(1)`, and
-    parameters FSDP2 alone shards on the dp sub-mesh (one per tp rank), from a mapping or a file."""
+    parameters FSDP2 alone shards on the dp sub-mesh (one per tp rank), from a mapping or a file; and
+    tensor parallelism alone on the tp sub-mesh (each dp rank a replica: DDP x TP)."""
     if source == "file":
         from safetensors.torch import save_file
 
         source = str(tmp_path / "model.safetensors")
         save_file({k: v.contiguous() for k, v in _tp_net("cpu").state_dict().items()}, source)
-    assert run_ranks(_tp_worker, 4, source, timeout=300) == [[]] * 4
+    assert run_ranks(_tp_worker, 4, source, fsdp, timeout=300) == [[]] * 4
 
 
 def _llama_tp(model, mesh):
