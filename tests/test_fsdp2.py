@@ -705,3 +705,38 @@ def test_llama_tensor_parallel_with_fsdp2(ckpts):
     """A transformers Llama from its checkpoint directory, torchtitan's TP plan on a (dp 2, tp 2)
     mesh: every shard as torch shards `from_pretrained`'s model, the sharded logits bit for bit."""
     assert run_ranks(_llama_tp_worker, 4, ckpts["llama"], timeout=300) == [[]] * 4
+
+
+def _hsdp_tp_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from fsdp_fastload import materialize
+
+    mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("replicate", "shard", "tp"))
+
+    def shard(m):
+        parallelize_module(m, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel(),
+                                           "head": ColwiseParallel(output_layouts=Replicate())})
+        for x in (m.up, m.down, m.norm, m.head, m):
+            fully_shard(x, mesh=mesh["replicate", "shard"])
+        return m
+
+    ref = _tp_net("cpu")
+    torch_sharded, model = shard(_tp_net("cpu")), shard(_tp_net("meta"))
+    materialize(model, "cpu", state_dict=dict(ref.state_dict()) if rank == 0 else None, poison=True, verify=True)
+    bad = _compare_with_torch_sharding(model, torch_sharded, _tensors(ref))
+    if len(model.up.weight.placements) != 3:
+        bad.append(f"up.weight placements {model.up.weight.placements}: not HSDP x TP")
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    if not bad and not torch.equal(model(x).detach(), torch_sharded(x).detach()):
+        bad.append("forward differs from torch's own sharded reference")
+    return bad
+
+
+def test_hsdp_with_tensor_parallel_three_dim_mesh():
+    """8 ranks, a (replicate 2, shard 2, tp 2) mesh: HSDP on a 2-D sub-mesh over TP (placements
+    (Replicate, _StridedShard, Shard) and the like), every shard as torch's own, forward bit for bit."""
+    assert run_ranks(_hsdp_tp_worker, 8, timeout=400) == [[]] * 8
