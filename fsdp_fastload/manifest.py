@@ -178,34 +178,96 @@ def dense_strides(t: torch.Tensor) -> tuple[int, ...] | None:
 
 
 def _placement(t, meshes: dict, places: dict) -> tuple:
-    """A DTensor's (placements spelled out, mesh shape, mesh ranks), on its root mesh (see
-    `root_view`: the same on every rank). A model's DTensors share a handful of (placements, mesh)
-    pairs: each is spelled out once per call, and its entries share the one tuple (~0.7 us a DTensor
-    otherwise)."""
+    """A DTensor's (placements spelled out, mesh shape, mesh ranks), plus for a sub-mesh (see
+    `sub_frame`) the root dimensions each of its dimensions spans and the root's shape: the same on
+    every rank. A model's DTensors share a handful of (placements, mesh) pairs: each is spelled out
+    once per call, and its entries share the one tuple (~0.7 us a DTensor otherwise)."""
     pls, mesh = t.placements, t.device_mesh
     got = places.get((id(pls), id(mesh)))
     if got is None or got[0] is not pls or got[1] is not mesh:
-        root, root_pls = root_view(mesh, pls)
-        shape, ranks = mesh_grid(root, meshes)
-        got = places[(id(pls), id(mesh))] = (pls, mesh, (tuple(str(p) for p in root_pls), shape, tuple(ranks)))
+        frame = sub_frame(mesh, meshes)
+        if frame is None:
+            shape, ranks = mesh_grid(mesh, meshes)
+            spelled = (tuple(str(p) for p in pls), shape, tuple(ranks))
+        else:
+            shape, spans, root_shape, root_ranks, _ = frame
+            spelled = (tuple(str(p) for p in pls), shape, tuple(root_ranks), spans, root_shape)
+        got = places[(id(pls), id(mesh))] = (pls, mesh, spelled)
     return got[2]
 
 
-def root_view(mesh, placements) -> tuple:
-    """(mesh, placements) of a DTensor as seen on the mesh its mesh was sliced from: a parameter that
-    FSDP2 alone shards on the `dp` dimension of a (dp, tp) mesh lives on the 1-D `dp` sub-mesh of its
-    own tp rank (ranks [0, 2] on some ranks, [1, 3] on others); on the root mesh it is the same tensor
-    on every rank, `Replicate()` along the dimensions the sub-mesh leaves out. A mesh that is its own
-    root, or whose dimensions are not named dimensions of its root (a flattened one), is returned as is."""
+def sub_frame(mesh, cache: dict) -> tuple | None:
+    """Where a sub-mesh sits in its root mesh, for every rank of the root, or None (a mesh that is
+    its own root, covers all of the root's ranks, or is not a regular slice of it).
+
+    A parameter that FSDP2 alone shards on the `dp` part of a (dp, tp) mesh lives on a 1-D mesh of
+    the ranks of its own tp coordinate ([0, 2] on some ranks, [1, 3] on others; torchtitan flattens
+    it under another name). Each rank knows only its own sub-mesh; every rank's place in its copy
+    of that sub-mesh follows from the root: each sub-mesh dimension spans some root dimensions (one,
+    or several flattened), found from this rank's sub-mesh and checked against all of it. Returns
+    (sub-mesh shape, root dimensions per sub-mesh dimension, root shape, root ranks, rank -> its
+    coordinate in its own copy of the sub-mesh)."""
+    key = ("frame", id(mesh))
+    if key in cache and cache[key][0] is mesh:
+        return cache[key][1]
+    got = _sub_frame(mesh, cache)
+    cache[key] = (mesh, got)
+    return got
+
+
+def _sub_frame(mesh, cache: dict) -> tuple | None:
     get_root = getattr(mesh, "_get_root_mesh", None)
     root = get_root() if get_root is not None else None
-    names, root_names = getattr(mesh, "mesh_dim_names", None), getattr(root, "mesh_dim_names", None)
-    if root is None or root is mesh or not names or not root_names or not set(names) <= set(root_names) \
-            or root.ndim == mesh.ndim:
-        return mesh, tuple(placements)
-    from torch.distributed.tensor import Replicate
+    if root is None or root is mesh:
+        return None
+    shape, ranks = mesh_grid(mesh, cache)
+    root_shape, root_ranks = mesh_grid(root, cache)
+    if set(ranks) >= set(root_ranks) or not set(ranks) <= set(root_ranks):
+        return None
 
-    return root, tuple(placements[names.index(n)] if n in names else Replicate() for n in root_names)
+    def unravel(i: int, dims: tuple) -> tuple:
+        out = []
+        for n in reversed(dims):
+            out.append(i % n)
+            i //= n
+        return tuple(reversed(out))
+
+    root_coord = {r: unravel(i, root_shape) for i, r in enumerate(root_ranks)}
+    own = [unravel(i, shape) for i in range(len(ranks))]  # each sub-mesh rank's coordinate in it
+    at = {c: r for c, r in zip(own, ranks)}
+    spans = []
+    for j, n in enumerate(shape):  # the root dimensions that change along sub-mesh dimension j
+        line = [root_coord[at[tuple(k if d == j else 0 for d in range(len(shape)))]] for k in range(n)]
+        spans.append(tuple(d for d in range(len(root_shape)) if len({c[d] for c in line}) > 1))
+    used = [d for sp in spans for d in sp]
+    if len(used) != len(set(used)):
+        return None
+    spans = tuple(spans)
+
+    def place(r: int) -> tuple:
+        c, out = root_coord[r], []
+        for sp in spans:
+            k = 0
+            for d in sp:
+                k = k * root_shape[d] + c[d]
+            out.append(k)
+        return tuple(out)
+
+    me = root_coord[ranks[0]]
+    rest = [d for d in range(len(root_shape)) if d not in used]
+    for j, sp in enumerate(spans):
+        size = 1
+        for d in sp:
+            size *= root_shape[d]
+        if size != shape[j]:
+            return None
+    # every rank of this sub-mesh where `place` puts it, and the sub-mesh all the root's ranks that
+    # share its coordinates outside the spanned dimensions: a regular slice (flattened or not)
+    if any(place(r) != c or any(root_coord[r][d] != me[d] for d in rest) for r, c in zip(ranks, own)):
+        return None
+    if len(ranks) != sum(1 for r in root_ranks if all(root_coord[r][d] == me[d] for d in rest)):
+        return None
+    return shape, spans, root_shape, root_ranks, {r: place(r) for r in root_ranks}
 
 
 def summary(entries: list[Entry]) -> list[tuple]:

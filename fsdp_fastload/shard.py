@@ -2,9 +2,9 @@
 
 A model sharded with ``fully_shard`` on ``meta`` holds DTensor parameters whose local shard on each
 rank is a box of the full tensor (``Shard(d)``: a ``torch.chunk`` piece; ``Replicate``: all of it;
-FSDP2's ``_StridedShard`` over tensor parallelism: a chunk of a TP chunk). A DTensor on a named
-sub-mesh (FSDP2's ``dp`` dimension of a (dp, tp) mesh) is placed on its root mesh, replicated
-along the dimensions the sub-mesh leaves out.
+FSDP2's ``_StridedShard`` over tensor parallelism: a chunk of a TP chunk). A DTensor on a sub-mesh
+(FSDP2's ``dp`` part of a (dp, tp) mesh, flattened or not) has one copy per rank of the other
+dimensions; each rank's box follows from its place in its own copy (`manifest.sub_frame`).
 Each such entry gets one *slot* per rank, the same size on every rank (the largest local shard,
 which is FSDP2's padded shard), and all slots live in a shard space laid out like the replicated
 one (`layout.plan` over one virtual 1-D entry per slot). Bucket k of the shard space is moved with
@@ -106,11 +106,13 @@ def _geometry(shape: tuple, mesh, placements, group_ranks: list[int], cache: dic
     (a model's layers repeat a handful of shapes); a message with '{name}' if not supported."""
     from torch.distributed.tensor import Replicate, Shard
 
-    from .manifest import mesh_grid, root_view
+    from .manifest import mesh_grid, sub_frame
 
-    sub_mesh, sub_placements = mesh, placements
-    mesh, placements = root_view(mesh, placements)
-    mesh_shape, ranks = mesh_grid(mesh, cache)
+    frame = sub_frame(mesh, cache)  # a sub-mesh (FSDP2's dp part of a (dp, tp) mesh): one copy per tp rank
+    if frame is None:
+        mesh_shape, ranks = mesh_grid(mesh, cache)
+    else:
+        mesh_shape, _, _, ranks, coords = frame
     strided = [i for i, p in enumerate(placements) if type(p) not in (Shard, Replicate)
                and _fsdp_over_tp(i, placements, mesh_shape)]
     odd = [repr(p) for i, p in enumerate(placements) if type(p) not in (Shard, Replicate) and i not in strided]
@@ -121,7 +123,8 @@ def _geometry(shape: tuple, mesh, placements, group_ranks: list[int], cache: dic
     if sorted(ranks) != sorted(group_ranks):
         return (f"not supported: '{{name}}' lives on a device mesh of ranks {ranks[:8]} but materialize runs "
                 f"over the group of ranks {group_ranks[:8]}. Pass group= covering exactly the mesh's ranks.")
-    coords = cache.get(("coords", id(mesh)))
+    if frame is None:
+        coords = cache.get(("coords", id(mesh)))
     if coords is None:
         coords = cache[("coords", id(mesh))] = {}
         for flat_i, r in enumerate(ranks):
@@ -142,11 +145,11 @@ def _geometry(shape: tuple, mesh, placements, group_ranks: list[int], cache: dic
     else:
         boxes = tuple(_box(shape, mesh_shape, coords[r], placements) for r in group_ranks)
     me = group_ranks.index(dist.get_rank())
-    key = ("checked", id(sub_mesh), tuple(sub_placements))
+    key = ("checked", id(mesh), tuple(placements))
     if key not in cache:  # our chunk arithmetic against torch's own, once per (mesh, placements)
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        want = compute_local_shape_and_global_offset(shape, sub_mesh, sub_placements)
+        want = compute_local_shape_and_global_offset(shape, mesh, placements)
         if (tuple(want[0]), tuple(want[1])) != (tuple(boxes[me][0]), tuple(boxes[me][1])):
             return (f"not supported: '{{name}}': torch places its local shard at {tuple(want[0])}, offset "
                     f"{tuple(want[1])}, but torch.chunk placement gives {boxes[me][0]} at offset "

@@ -577,15 +577,17 @@ def _tp_net(device, seed=0):
     return m
 
 
-def _tp_fsdp(model, mesh, fsdp=True):
+def _tp_fsdp(model, mesh, fsdp=True, flat=False):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel(),
                                            "head": ColwiseParallel(output_layouts=Replicate())})
+    # torchtitan shards on a flattened dimension ("dp_shard_cp"), a mesh whose name its root lacks
+    dp = mesh["dp"]._flatten("dp_flat") if flat else mesh["dp"]
     for m in (model.up, model.down, model.norm, model.head, model) if fsdp else ():
-        fully_shard(m, mesh=mesh["dp"])
+        fully_shard(m, mesh=dp)
     return model
 
 
@@ -635,15 +637,17 @@ def _compare_with_torch_sharding(model, torch_sharded, full) -> list[str]:
     return bad
 
 
-def _tp_worker(rank, world, source, fsdp):
+def _tp_worker(rank, world, source, fsdp, flat):
     from torch.distributed.device_mesh import init_device_mesh
 
     from fsdp_fastload import materialize
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     ref = _tp_net("cpu")
-    torch_sharded = _tp_fsdp(_tp_net("cpu"), mesh, fsdp)
-    model = _tp_fsdp(_tp_net("meta"), mesh, fsdp)
+    torch_sharded = _tp_fsdp(_tp_net("cpu"), mesh, fsdp, flat)
+    model = _tp_fsdp(_tp_net("meta"), mesh, fsdp, flat)
+    if flat and model.norm.weight.device_mesh.mesh_dim_names != ("dp_flat",):
+        return [f"norm.weight is on {model.norm.weight.device_mesh}, not the flattened dp mesh"]
     sd = (dict(ref.state_dict()) if source == "mapping" else source) if rank == 0 else None
     materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
     bad = _compare_with_torch_sharding(model, torch_sharded, _tensors(ref))
@@ -653,17 +657,19 @@ def _tp_worker(rank, world, source, fsdp):
     return bad
 
 
-@pytest.mark.parametrize("source,fsdp", [("mapping", True), ("file", True), ("file", False)])
-def test_tensor_parallel_with_fsdp2_two_dim_mesh(tmp_path, source, fsdp):
+@pytest.mark.parametrize("source,fsdp,flat", [("mapping", True, False), ("file", True, False), ("file", False, False),
+                                             ("mapping", True, True)])
+def test_tensor_parallel_with_fsdp2_two_dim_mesh(tmp_path, source, fsdp, flat):
     """4 ranks, a (dp 2, tp 2) mesh: `_StridedShard` column-wise weights, row-wise `Shard(1)`, and
     parameters FSDP2 alone shards on the dp sub-mesh (one per tp rank), from a mapping or a file; and
-    tensor parallelism alone on the tp sub-mesh (each dp rank a replica: DDP x TP)."""
+    tensor parallelism alone on the tp sub-mesh (each dp rank a replica: DDP x TP); FSDP2 on a
+    flattened dp dimension (torchtitan's `dp_shard_cp`)."""
     if source == "file":
         from safetensors.torch import save_file
 
         source = str(tmp_path / "model.safetensors")
         save_file({k: v.contiguous() for k, v in _tp_net("cpu").state_dict().items()}, source)
-    assert run_ranks(_tp_worker, 4, source, fsdp, timeout=300) == [[]] * 4
+    assert run_ranks(_tp_worker, 4, source, fsdp, flat, timeout=300) == [[]] * 4
 
 
 def _llama_tp(model, mesh):
