@@ -228,14 +228,22 @@ class UnevenNet(nn.Module):
                 + self.none.sum())
 
 
-def _uneven(device, seed=0):
+def _seeded(cls, device, seed, pick=lambda m: list(m.parameters())) -> nn.Module:
+    """`cls()` on `device`; off meta, the tensors `pick` returns filled with seeded normal values."""
     g = torch.Generator().manual_seed(seed)
     with torch.device(device):
-        m = UnevenNet()
+        m = cls()
     if device != "meta":
         with torch.no_grad():
-            for t in list(m.parameters()) + [m.norm.running_mean, m.norm.running_var]:
+            for t in pick(m):
                 t.copy_(torch.randn(t.shape, generator=g))
+    return m
+
+
+def _uneven(device, seed=0):
+    m = _seeded(UnevenNet, device, seed, lambda m: list(m.parameters()) + [m.norm.running_mean, m.norm.running_var])
+    if device != "meta":
+        with torch.no_grad():
             m.norm.running_var.abs_().add_(0.5)  # a variance: positive, or the forward is NaN
             m.steps.copy_(torch.tensor([3, 1, 4]))
             m.norm.num_batches_tracked.fill_(9)
@@ -567,14 +575,7 @@ class TPNet(nn.Module):
 
 
 def _tp_net(device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.device(device):
-        m = TPNet()
-    if device != "meta":
-        with torch.no_grad():
-            for p in m.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
-    return m
+    return _seeded(TPNet, device, seed)
 
 
 def _tp_fsdp(model, mesh, fsdp=True, flat=False):
