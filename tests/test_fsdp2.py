@@ -569,24 +569,30 @@ class TPNet(nn.Module):
         self.norm = nn.LayerNorm(7)  # FSDP2 only
         self.head = nn.Linear(7, 5)  # column-wise, output gathered
         self.register_buffer("scale", torch.tensor([1.5, -0.5, 2.0, 1.0, 0.25]))
+        self.shift = nn.Parameter(torch.zeros(5))  # the root's own: FSDP2 only, on the dp sub-mesh
 
     def forward(self, x):
-        return self.head(self.norm(self.down(torch.relu(self.up(x))))) * self.scale
+        return self.head(self.norm(self.down(torch.relu(self.up(x))))) * self.scale + self.shift
 
 
 def _tp_net(device, seed=0):
     return _seeded(TPNet, device, seed)
 
 
-def _tp_fsdp(model, mesh, fsdp=True, flat=False):
+def _tp_fsdp(model, mesh, fsdp=True, titan=False):
+    """`titan`: as torchtitan does, sequence parallelism around the norm (its parameters Replicate
+    on tp) and FSDP2 on a flattened dp dimension ("dp_shard_cp", a name the root mesh lacks)."""
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
+                                                   parallelize_module)
 
-    parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel(),
-                                           "head": ColwiseParallel(output_layouts=Replicate())})
-    # torchtitan shards on a flattened dimension ("dp_shard_cp"), a mesh whose name its root lacks
-    dp = mesh["dp"]._flatten("dp_flat") if flat else mesh["dp"]
+    plan = {"up": ColwiseParallel(), "down": RowwiseParallel(), "head": ColwiseParallel(output_layouts=Replicate())}
+    if titan:
+        plan.update(down=RowwiseParallel(output_layouts=Shard(1)), norm=SequenceParallel(),
+                    head=ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()))
+    parallelize_module(model, mesh["tp"], plan)
+    dp = mesh["dp"]._flatten("dp_flat") if titan else mesh["dp"]
     for m in (model.up, model.down, model.norm, model.head, model) if fsdp else ():
         fully_shard(m, mesh=dp)
     return model
@@ -638,39 +644,40 @@ def _compare_with_torch_sharding(model, torch_sharded, full) -> list[str]:
     return bad
 
 
-def _tp_worker(rank, world, source, fsdp, flat):
+def _tp_worker(rank, world, source, fsdp, titan):
     from torch.distributed.device_mesh import init_device_mesh
 
     from fsdp_fastload import materialize
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     ref = _tp_net("cpu")
-    torch_sharded = _tp_fsdp(_tp_net("cpu"), mesh, fsdp, flat)
-    model = _tp_fsdp(_tp_net("meta"), mesh, fsdp, flat)
-    if flat and model.norm.weight.device_mesh.mesh_dim_names != ("dp_flat",):
-        return [f"norm.weight is on {model.norm.weight.device_mesh}, not the flattened dp mesh"]
+    torch_sharded = _tp_fsdp(_tp_net("cpu"), mesh, fsdp, titan)
+    model = _tp_fsdp(_tp_net("meta"), mesh, fsdp, titan)
+    want_mesh = {"norm.weight": ("dp_flat", "tp") if titan else ("dp",), "shift": ("dp_flat",) if titan else ("dp",)}
+    if fsdp and any(model.get_parameter(n).device_mesh.mesh_dim_names != m for n, m in want_mesh.items()):
+        return [f"meshes: {[(n, model.get_parameter(n).device_mesh) for n in want_mesh]}, expected {want_mesh}"]
     sd = (dict(ref.state_dict()) if source == "mapping" else source) if rank == 0 else None
     materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
     bad = _compare_with_torch_sharding(model, torch_sharded, _tensors(ref))
-    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(1))  # (batch, sequence, features)
     if not bad and not torch.equal(model(x).detach(), torch_sharded(x).detach()):
         bad.append("forward differs from torch's own sharded reference")
     return bad
 
 
-@pytest.mark.parametrize("source,fsdp,flat", [("mapping", True, False), ("file", True, False), ("file", False, False),
-                                             ("mapping", True, True)])
-def test_tensor_parallel_with_fsdp2_two_dim_mesh(tmp_path, source, fsdp, flat):
+@pytest.mark.parametrize("source,fsdp,titan", [("mapping", True, False), ("file", True, False), ("file", False, False),
+                                              ("mapping", True, True)])
+def test_tensor_parallel_with_fsdp2_two_dim_mesh(tmp_path, source, fsdp, titan):
     """4 ranks, a (dp 2, tp 2) mesh: `_StridedShard` column-wise weights, row-wise `Shard(1)`, and
     parameters FSDP2 alone shards on the dp sub-mesh (one per tp rank), from a mapping or a file; and
-    tensor parallelism alone on the tp sub-mesh (each dp rank a replica: DDP x TP); FSDP2 on a
-    flattened dp dimension (torchtitan's `dp_shard_cp`)."""
+    tensor parallelism alone on the tp sub-mesh (each dp rank a replica: DDP x TP); torchtitan's
+    way: sequence parallelism and FSDP2 on a flattened dp dimension (its `dp_shard_cp`)."""
     if source == "file":
         from safetensors.torch import save_file
 
         source = str(tmp_path / "model.safetensors")
         save_file({k: v.contiguous() for k, v in _tp_net("cpu").state_dict().items()}, source)
-    assert run_ranks(_tp_worker, 4, source, fsdp, flat, timeout=300) == [[]] * 4
+    assert run_ranks(_tp_worker, 4, source, fsdp, titan, timeout=300) == [[]] * 4
 
 
 def _llama_tp(model, mesh):
