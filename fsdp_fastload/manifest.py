@@ -196,6 +196,15 @@ def _placement(t, meshes: dict, places: dict) -> tuple:
     return got[2]
 
 
+def grid_coord(i: int, shape: tuple) -> tuple:
+    """The coordinate of the i-th rank (row-major) of a mesh of `shape`."""
+    out = []
+    for n in reversed(shape):
+        out.append(i % n)
+        i //= n
+    return tuple(reversed(out))
+
+
 def sub_frame(mesh, cache: dict) -> tuple | None:
     """Where a sub-mesh sits in its root mesh, for every rank of the root, or None (a mesh that is
     its own root, covers all of the root's ranks, or is not a regular slice of it).
@@ -225,15 +234,8 @@ def _sub_frame(mesh, cache: dict) -> tuple | None:
     if set(ranks) >= set(root_ranks) or not set(ranks) <= set(root_ranks):
         return None
 
-    def unravel(i: int, dims: tuple) -> tuple:
-        out = []
-        for n in reversed(dims):
-            out.append(i % n)
-            i //= n
-        return tuple(reversed(out))
-
-    root_coord = {r: unravel(i, root_shape) for i, r in enumerate(root_ranks)}
-    own = [unravel(i, shape) for i in range(len(ranks))]  # each sub-mesh rank's coordinate in it
+    root_coord = {r: grid_coord(i, root_shape) for i, r in enumerate(root_ranks)}
+    own = [grid_coord(i, shape) for i in range(len(ranks))]  # each sub-mesh rank's coordinate in it
     at = {c: r for c, r in zip(own, ranks)}
     spans = []
     for j, n in enumerate(shape):  # the root dimensions that change along sub-mesh dimension j

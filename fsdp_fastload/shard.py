@@ -106,7 +106,7 @@ def _geometry(shape: tuple, mesh, placements, group_ranks: list[int], cache: dic
     (a model's layers repeat a handful of shapes); a message with '{name}' if not supported."""
     from torch.distributed.tensor import Replicate, Shard
 
-    from .manifest import mesh_grid, sub_frame
+    from .manifest import grid_coord, mesh_grid, sub_frame
 
     frame = sub_frame(mesh, cache)  # a sub-mesh (FSDP2's dp part of a (dp, tp) mesh): one copy per tp rank
     if frame is None:
@@ -126,13 +126,7 @@ def _geometry(shape: tuple, mesh, placements, group_ranks: list[int], cache: dic
     if frame is None:
         coords = cache.get(("coords", id(mesh)))
     if coords is None:
-        coords = cache[("coords", id(mesh))] = {}
-        for flat_i, r in enumerate(ranks):
-            c, rest = [], flat_i
-            for n in reversed(mesh_shape):
-                c.append(rest % n)
-                rest //= n
-            coords[r] = tuple(reversed(c))
+        coords = cache[("coords", id(mesh))] = {r: grid_coord(i, mesh_shape) for i, r in enumerate(ranks)}
     if strided:  # torch's own arithmetic for every rank (its `compute_local_shape_and_global_offset`, per coordinate)
         try:
             from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset as local_box
