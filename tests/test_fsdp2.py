@@ -579,9 +579,10 @@ def _tp_net(device, seed=0):
     return _seeded(TPNet, device, seed)
 
 
-def _tp_fsdp(model, mesh, fsdp=True, titan=False):
-    """`titan`: as torchtitan does, sequence parallelism around the norm (its parameters Replicate
-    on tp) and FSDP2 on a flattened dp dimension ("dp_shard_cp", a name the root mesh lacks)."""
+def _tp_fsdp(model, tp_mesh, dp_mesh=None, titan=False):
+    """TPNet's plan on `tp_mesh`, then FSDP2 on `dp_mesh` (None: tensor parallelism alone). `titan`:
+    as torchtitan does, sequence parallelism around the norm (its parameters Replicate on tp); its
+    caller also passes FSDP2 a flattened dp dimension ("dp_shard_cp", a name the root mesh lacks)."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
@@ -591,10 +592,9 @@ def _tp_fsdp(model, mesh, fsdp=True, titan=False):
     if titan:
         plan.update(down=RowwiseParallel(output_layouts=Shard(1)), norm=SequenceParallel(),
                     head=ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()))
-    parallelize_module(model, mesh["tp"], plan)
-    dp = mesh["dp"]._flatten("dp_flat") if titan else mesh["dp"]
-    for m in (model.up, model.down, model.norm, model.head, model) if fsdp else ():
-        fully_shard(m, mesh=dp)
+    parallelize_module(model, tp_mesh, plan)
+    for m in (model.up, model.down, model.norm, model.head, model) if dp_mesh is not None else ():
+        fully_shard(m, mesh=dp_mesh)
     return model
 
 
@@ -651,8 +651,9 @@ def _tp_worker(rank, world, source, fsdp, titan):
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     ref = _tp_net("cpu")
-    torch_sharded = _tp_fsdp(_tp_net("cpu"), mesh, fsdp, titan)
-    model = _tp_fsdp(_tp_net("meta"), mesh, fsdp, titan)
+    dp = (mesh["dp"]._flatten("dp_flat") if titan else mesh["dp"]) if fsdp else None
+    torch_sharded = _tp_fsdp(_tp_net("cpu"), mesh["tp"], dp, titan)
+    model = _tp_fsdp(_tp_net("meta"), mesh["tp"], dp, titan)
     want_mesh = {"norm.weight": ("dp_flat", "tp") if titan else ("dp",), "shift": ("dp_flat",) if titan else ("dp",)}
     if fsdp and any(model.get_parameter(n).device_mesh.mesh_dim_names != m for n, m in want_mesh.items()):
         return [f"meshes: {[(n, model.get_parameter(n).device_mesh) for n in want_mesh]}, expected {want_mesh}"]
@@ -723,23 +724,12 @@ def test_llama_tensor_parallel_with_fsdp2(ckpts):
 
 def _hsdp_tp_worker(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     from fsdp_fastload import materialize
 
     mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("replicate", "shard", "tp"))
-
-    def shard(m):
-        parallelize_module(m, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel(),
-                                           "head": ColwiseParallel(output_layouts=Replicate())})
-        for x in (m.up, m.down, m.norm, m.head, m):
-            fully_shard(x, mesh=mesh["replicate", "shard"])
-        return m
-
     ref = _tp_net("cpu")
-    torch_sharded, model = shard(_tp_net("cpu")), shard(_tp_net("meta"))
+    torch_sharded, model = (_tp_fsdp(_tp_net(d), mesh["tp"], mesh["replicate", "shard"]) for d in ("cpu", "meta"))
     materialize(model, "cpu", state_dict=dict(ref.state_dict()) if rank == 0 else None, poison=True, verify=True)
     bad = _compare_with_torch_sharding(model, torch_sharded, _tensors(ref))
     if len(model.up.weight.placements) != 3:
