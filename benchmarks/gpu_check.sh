@@ -27,26 +27,26 @@ timeout "$(limit 120)" $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 echo "build rc=$?"; tail -3 "$OUT/build.log"
 $PY -c "import fsdp_fastload as f; print('extension_available', f.extension_available())"
 
-stage raise "$(limit 150)"
-# An error raised inside the extension must reach Python as a RuntimeError: on the GPU image of
-# 2026-11-26 it segfaulted (every build there); the diagnosis builds under /tmp, three ways.
-OUT="$OUT" PYTHON=$PY timeout "$(limit 150)" bash benchmarks/gpu_diag_raise.sh | grep "^==\|raised\|NO RAISE\|^#" | head -40
-
 stage tests "$(limit 150)"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")  # a crashing test then fails alone
 FSDP_FASTLOAD_REQUIRE_EXTENSION=1 timeout "$(limit 150)" $PY -m pytest -p no:cacheprovider -q $XDIST -rf \
     --tb=short --durations=5 tests/test_cuda.py tests/test_ops.py tests/test_layout.py > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; grep -E "passed|failed|error|FAILED|ERROR|crashed" "$OUT/pytest.log" | cut -c1-300 | tail -30
 
-stage probe "$(limit 40)"
-timeout "$(limit 40)" $PY benchmarks/gpu_align_probe.py 2>&1 | grep "^|" | tee "$OUT/align_probe.md"
-
-stage bench "$(limit 130)"
-timeout "$(limit 130)" $PY benchmarks/gpu_bench.py --models medium,1b --runs 3 --out "$OUT/bench.md" \
+stage bench "$(limit 120)"
+timeout "$(limit 120)" $PY benchmarks/gpu_bench.py --models medium,1b --runs 3 --out "$OUT/bench.md" \
     > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; grep -E "^\[|Error|error" "$OUT/bench.log" | tail -25
 
-stage demo "$(limit 45)"
-timeout "$(limit 45)" $PY -m fsdp_fastload demo --device cuda --nproc 1 > "$OUT/demo.log" 2>&1
+stage raise "$(limit 120)"
+# An error raised inside the extension must reach Python as a RuntimeError: on the GPU image of
+# 2026-11-26 it segfaulted (every build there); the diagnosis builds under /tmp, three ways.
+OUT="$OUT" PYTHON=$PY timeout "$(limit 120)" bash benchmarks/gpu_diag_raise.sh | grep "^==\|raised\|NO RAISE\|^#" | head -40
+
+stage demo "$(limit 40)"
+timeout "$(limit 40)" $PY -m fsdp_fastload demo --device cuda --nproc 1 > "$OUT/demo.log" 2>&1
 echo "demo rc=$?"; tail -12 "$OUT/demo.log"
+stage probe "$(limit 40)"
+timeout "$(limit 40)" $PY benchmarks/gpu_align_probe.py 2>&1 | grep "^|" | tee "$OUT/align_probe.md"
+
 echo "=== done at $(( $(date +%s) - T0 )) s"
