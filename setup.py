@@ -6,6 +6,7 @@ Set FSDP_FASTLOAD_BUILD_EXT=0 to skip the extension (the package then uses its p
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -30,6 +31,11 @@ def extensions():
         "fsdp_fastload._C",
         sources,
         extra_compile_args={"cxx": cxx + [f"-DPy_LIMITED_API={LIMITED_API}"]},
+        # The C++ runtime torch uses, shared: a compiler that links its own copy statically (a g++
+        # wrapper adding -static-libstdc++, as on one GPU image) gives the process two runtimes, and
+        # the copy's iostreams cut every error message at its first number or crash the process.
+        # Named before the compiler's own -lstdc++, the shared library defines every symbol first.
+        extra_link_args=["-lstdc++"] if sys.platform.startswith("linux") else [],
         py_limited_api=True,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Why does an error raised inside the extension segfault on the GPU image (torch 2.11.0+cu130,
-# Python 3.12.3, /opt/gcc/bin/g++ 13.3; the same libstdc++ 6.0.33 for both compilers there) while it
-# raises cleanly here (torch 2.11/2.13, g++ 12)? Run from the repository root on that machine; one
-# report file, $OUT/raise_diag.txt. Builds under /tmp (the checkout's own build is left alone).
+# Do the extension's errors reach Python whole on this machine? On the GPU image of 2026-11-26
+# (torch 2.11.0+cu130, Python 3.12.3, CXX=/opt/gcc/bin/g++, a wrapper script around g++ 13.3) every
+# error raised or returned by the extension crashed the process: that build had no libstdc++ among
+# its needed libraries, a static copy of its own beside torch's shared one, and (reproduced on CPU with
+# LDFLAGS=-static-libstdc++) the copy's iostreams cut each message at its first number. setup.py now
+# links the shared libstdc++ first. This checks the extension in the checkout (build it first), and
+# with DIAG_BUILDS=1 also clean builds under /tmp with each compiler. One report: $OUT/raise_diag.txt.
 set -u; OUT=${OUT:-gpu_out}; mkdir -p "$OUT"; PY=${PYTHON:-python3}; export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/raise_diag.txt") 2>&1
 R='import os, torch; from fsdp_fastload import ops
@@ -19,12 +22,13 @@ for n, c in cases:  # each in a child of its own: one crash does not hide the ne
     pid = os.fork()
     if pid == 0:
         try: c(); print(n, "NO RAISE", flush=True)
-        except Exception as e: print(n, "raised:", type(e).__name__, str(e)[:70], flush=True)
+        except Exception as e: print(n, "raised:", type(e).__name__, repr(str(e).splitlines()[0][:110]), flush=True)
         os._exit(0)
     st = os.waitpid(pid, 0)[1]
     if os.WIFSIGNALED(st): print(n, "CRASHED: signal", os.WTERMSIG(st), flush=True); crashed = 1
 raise SystemExit(crashed)'
 echo "CXX=${CXX:-} CC=${CC:-} LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"; which -a g++ c++
+[ -n "${CXX:-}" ] && file -L "$CXX" | grep -q "shell script" && { echo "== $CXX:"; head -c 2000 "$CXX"; echo; }
 for c in /opt/gcc/bin/g++ /usr/bin/g++; do [ -x "$c" ] && { echo "== $c"; file -L "$c" | cut -c1-120
   $c --version | head -1; realpath "$($c -print-file-name=libstdc++.so.6)" "$($c -print-file-name=libgcc_s.so.1)"; }; done
 $PY -c "import torch; print(torch.__version__, torch._C._GLIBCXX_USE_CXX11_ABI)
@@ -40,6 +44,13 @@ b() {  # b NAME [env...]: a clean build in /tmp/diag-NAME, then raise there
    if [ $rc != 0 ] && command -v cuda-gdb >/dev/null; then  # no gdb there; cuda-gdb debugs host code
      timeout 90 cuda-gdb -q -batch -ex run -ex bt --args $PY -c "$R" 2>&1 | grep -E "^#|SIGSEGV" | head -30; fi)
 }
-b default
-[ -x /usr/bin/g++ ] && b system CC=/usr/bin/gcc CXX=/usr/bin/g++
-b O0 DEBUG=1
+so=$(ls fsdp_fastload/_C*.so 2>/dev/null | head -1)
+if [ -n "$so" ]; then
+  echo "== checkout's $so"; ldd "$so" | grep -E "stdc|gcc_s"
+  objdump -T "$so" 2>/dev/null | grep -o "GLIBCXX_[0-9.]*" | sort -uV | tail -1
+  timeout 60 $PY -c "$R"; echo "== checkout raise rc=$?"
+fi
+if [ "${DIAG_BUILDS:-0}" = 1 ]; then
+  b default
+  [ -x /usr/bin/g++ ] && b system CC=/usr/bin/gcc CXX=/usr/bin/g++
+fi

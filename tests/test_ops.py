@@ -411,3 +411,22 @@ def test_carve_contiguous_spec_matches_explicit_strides():
         assert _describe(impl(flat, short)) == _describe(ops._carve_ref(flat, full))
     with pytest.raises(RuntimeError, match="bad ndim"):
         ops.carve(flat, [6, 0, -70, 1])
+
+
+@needs_ext
+def test_error_messages_are_whole(tmp_path):
+    """The extension's messages come out whole, numbers and all. A second C++ runtime in the process
+    (an extension linked with its own static libstdc++) cut each one at its first number, or crashed."""
+    flat = ops.alloc(4096, "cpu")
+    path = tmp_path / "short.bin"
+    path.write_bytes(b"x" * 10)
+    cases = [(lambda: ops.alloc(-1, "cpu"), "fsdp_fastload alloc: nbytes must be >= 0 (got -1)"),
+             (lambda: ops.carve(flat, [99, 0, 0]), "fsdp_fastload: unknown dtype code 99 (expected 0..18)"),
+             (lambda: ops.poison_(flat, 300), "fsdp_fastload poison_: value must be a byte (got 300)"),
+             (lambda: ops.read_ranges(path, flat, [4], [0], [8]),
+              f"fsdp_fastload read_ranges: range 0 reads bytes [4, 12) past the end of {path} (10 bytes). "
+              "The file is truncated or its header lies.")]
+    for call, whole in cases:
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert str(info.value).splitlines()[0] == whole
