@@ -6,7 +6,6 @@ Set FSDP_FASTLOAD_BUILD_EXT=0 to skip the extension (the package then uses its p
 """
 import glob
 import os
-import sys
 
 from setuptools import find_packages, setup
 
@@ -14,10 +13,28 @@ LIMITED_API = "0x03090000"  # CPython 3.9: one wheel for every later CPython
 BUILD_EXT = os.environ.get("FSDP_FASTLOAD_BUILD_EXT", "1") != "0"
 
 
+def _torch_libstdcxx():
+    """The shared libstdc++ torch runs with, as a link input, so the extension needs that library.
+
+    A toolchain whose library directory holds only libstdc++.a (the g++ wrapper of one GPU image,
+    2026-11-26) links its own static copy into the extension: two C++ runtimes in one process, and
+    the copy's iostreams cut every error message at its first number or crash the process. Named
+    here, before the compiler's own -lstdc++, the shared library defines every symbol first."""
+    try:
+        with open("/proc/self/maps") as maps:  # torch is imported: its libstdc++ is mapped
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return [path]
+    except OSError:
+        pass
+    return []
+
+
 def extensions():
     if not BUILD_EXT:
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension  # imports torch
 
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(
@@ -31,11 +48,7 @@ def extensions():
         "fsdp_fastload._C",
         sources,
         extra_compile_args={"cxx": cxx + [f"-DPy_LIMITED_API={LIMITED_API}"]},
-        # The C++ runtime torch uses, shared: a compiler that links its own copy statically (a g++
-        # wrapper adding -static-libstdc++, as on one GPU image) gives the process two runtimes, and
-        # the copy's iostreams cut every error message at its first number or crash the process.
-        # Named before the compiler's own -lstdc++, the shared library defines every symbol first.
-        extra_link_args=["-lstdc++"] if sys.platform.startswith("linux") else [],
+        extra_link_args=_torch_libstdcxx(),
         py_limited_api=True,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
