@@ -38,8 +38,9 @@ void poison_(at::Tensor& flat, int64_t value);
 // returns "" on success, else what went wrong (bad arguments, a file that cannot be opened, is
 // shorter than a range, or fails to read), which the Python wrapper raises. A read error is the
 // one failure of these ops that happens at run time whatever the caller checked (a checkpoint
-// truncated after its header was read), so it is kept off C++ exceptions: on one GPU image any
-// exception thrown inside the extension crashed the process (README, Limitations).
+// truncated after its header was read), so it is kept off C++ exceptions (on one GPU image every
+// error the extension raised crashed the process: a static libstdc++ of its own; setup.py now links
+// torch's shared one, README, Limitations).
 std::string read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_offsets,
                  at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads);
 

@@ -296,8 +296,9 @@ def alloc(nbytes: int, device: torch.device | str, *, pin_memory: bool = False) 
 
     On CUDA a request larger than the device could give at all (its free memory plus what the
     caching allocator holds unused) is refused here, in Python, before the op runs: the common
-    out-of-memory (a model that does not fit) then never throws inside the extension (on one GPU
-    image any exception thrown there crashed the process; README, Limitations)."""
+    out-of-memory (a model that does not fit) then never throws inside the extension, and the
+    message names our sizes (on one GPU image every error the extension raised crashed the
+    process, until setup.py linked torch's shared libstdc++; README, Limitations)."""
     device = torch.device(device)
     if device.type == "cuda" and nbytes > 0:
         _check_cuda_fits(int(nbytes), device)
