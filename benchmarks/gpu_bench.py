@@ -111,9 +111,11 @@ def _floor(pinned):
 def _materialize(**kw):
     from fsdp_fastload import materialize
 
+    tuning = {k: v for k, v in kw.items() if k != "state_dict"}
+
     def run(model, ctx):
         sd = kw.get("state_dict")
-        materialize(model, ctx["dev"], state_dict=ctx[sd] if sd else None)
+        materialize(model, ctx["dev"], state_dict=ctx[sd] if sd else None, **tuning)
         sync()
         return model
     return run
@@ -169,6 +171,8 @@ METHODS = {
                 "from_pretrained on CPU (untimed), then model.to(cuda)"),
     "ours": (lambda ctx: _hf(ctx["path"]), _materialize(),
              "from_pretrained on CPU (untimed), then materialize(model, cuda)"),
+    "ours_read_mapped": (lambda ctx: _hf(ctx["path"]), _materialize(read_mapped=True),
+                         "the same, src reading its tensors from the files they are mapped from (read_mapped=True)"),
     "ours_1thread": (lambda ctx: _hf(ctx["path"]), _one_thread(_materialize()),
                      "the same with torch.set_num_threads(1): src packs its staging buffers on one core"),
     "hf_device_map": (lambda ctx: None, _synced(lambda _, ctx: _hf(ctx["path"], device_map=str(ctx["dev"]))),

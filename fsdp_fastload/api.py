@@ -24,7 +24,7 @@ from .install import own_buffers
 from .install import prepare as prepare_install
 from .layout import Layout, device_align, memory_facts, plan
 from .manifest import Entry, build_manifest, fingerprint, summary
-from .source import CheckpointError, FileTensor, extra_state_key, hf_renamed, match, open_source
+from .source import CheckpointError, FileTensor, extra_state_key, file_backed, hf_renamed, match, open_source
 from .verify import verify as _verify
 
 logger = logging.getLogger("fsdp_fastload")
@@ -40,6 +40,7 @@ _TUNING = {
     "read_threads": 4,  # threads reading safetensors byte ranges on src
     "prefault": True,  # CPU targets: fault the flat buffer's pages in on a background thread, early
     "timeout": None,  # seconds one wait on a broadcast may block; None: max(60, bytes sent / 50 MB/s)
+    "read_mapped": False,  # True: src reads its tensors mapped from files (from_pretrained's) from the files
 }
 # Below this a thread is not worth starting. Above it, faulting in on a thread pays: fresh memory
 # costs ~0.4 s/GB to touch on a 2-core VM, and receivers wait for src's plan anyway (measured on the
@@ -85,7 +86,10 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
         verify: all-gather per-tensor checksums afterwards and raise naming any tensor that differs.
         **tuning: ``bucket_size`` (bytes; auto 4-16 MiB), ``direct_min`` (half a bucket), ``max_inflight`` (4), ``poison`` (False),
             ``progress`` (None: auto), ``strict`` (False), ``buffer_init`` (None),
-            ``read_threads`` (4), ``timeout`` (seconds any one wait on a bucket broadcast may block;
+            ``read_threads`` (4), ``read_mapped`` (False; True: src reads its tensors that are
+            mapped from files, as ``from_pretrained`` leaves them, from the files with ``pread``
+            instead of through the mapping, where no page of the mapping was written; see README),
+            ``timeout`` (seconds any one wait on a bucket broadcast may block;
             None: ``max(60, bytes sent / 50 MB/s)``, so only a dead or stuck peer trips it. The
             agreement before any data moves waits as long as the process group's timeout, since
             src may still be loading the model).
@@ -125,9 +129,11 @@ def _bad_options(tuning: dict) -> str | None:
     checks = {"bucket_size": lambda v: v is None or number(v, 1),
               "direct_min": lambda v: v is None or number(v, 0),
               "max_inflight": lambda v: count(v, 1), "read_threads": lambda v: count(v, 0),
-              "buffer_init": lambda v: v is None or callable(v)}
+              "buffer_init": lambda v: v is None or callable(v),
+              "read_mapped": lambda v: isinstance(v, bool)}
     what = {"bucket_size": "None or a positive number of bytes", "direct_min": "None or a number of bytes >= 0",
-            "max_inflight": "an int >= 1", "read_threads": "an int >= 0", "buffer_init": "None or a callable"}
+            "max_inflight": "an int >= 1", "read_threads": "an int >= 0", "buffer_init": "None or a callable",
+            "read_mapped": "True or False"}
     bad = [k for k, ok in checks.items() if k in tuning and not ok(tuning[k])]
     if bad:
         return "; ".join(f"{k}={tuning[k]!r} must be {what[k]}" for k in bad)
@@ -248,6 +254,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
                 align=device_align(device))
         except Exception as e:  # noqa: BLE001  src cannot plan: every rank hears why before any data moves
             error = f"planning the transfer failed: {_sentence(e)}"
+    # bytes src reads from the files its tensors are mapped from (read_mapped), for last_stats
+    mapped_bytes = sum(s.nbytes for s in rep_sources if type(s) is FileTensor) if rep_sources and src_plan is None else 0
     fp = fingerprint(entries, (src, bool(verify), [path for path, _ in extra_mods])) if distributed else 0
     # CPU targets: the flat buffer is allocated now (a rank that cannot have it says so in the
     # agreement) and its pages faulted in on a background thread while this rank waits for src's
@@ -455,7 +463,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
 
     _log(rank=rank, is_src=is_src, entries=entries, layouts=[lay for lay, _ in parts], device=device,
          phases={"agree": t_agree - t_start, "alloc": t_alloc - t_agree, "fill": t_fill - t_alloc,
-                 "install": t_end - t_fill})
+                 "install": t_end - t_fill}, mapped_bytes=mapped_bytes)
     return module
 
 
@@ -514,6 +522,17 @@ def _plan_src(entries: list[Entry], rep: list[int], rep_entries: list[Entry], sh
     rep_args = dict(bucket_size=bucket, direct_min=direct_min, wire=[wire_all[i] for i in rep], align=align)
     rep_sources = [sources[i] for i in rep]
     facts = memory_facts(rep_sources)
+    if src_plan is None and opts["read_mapped"]:
+        # from_pretrained's tensors, mapped from their files: read from the files (see
+        # source.file_backed); an opt-in: on a 2-core VM reading them was slower than copying them
+        # out of the mapping, and where it pays (device targets, an expensive page fault) is unmeasured
+        mapped = file_backed(facts, [e.shape for e in rep_entries])
+        if any(m is not None for m in mapped):
+            sources = list(sources)
+            for k, m in enumerate(mapped):
+                if m is not None:
+                    rep_sources[k] = sources[rep[k]] = m
+                    facts[k] = None
     layout = plan(rep_entries, sources=rep_sources, facts=facts, **rep_args)
     if layout.main_total > _main_estimate(entries, rep, [], [], align):
         # Runs of src's memory keep the gaps between its tensors (malloc's headers: ~40% more bytes
@@ -838,14 +857,14 @@ def _check_local(entries: list[Entry], *, is_src: bool, state_dict) -> str | Non
     return None
 
 
-def _log(*, rank, is_src, entries, layouts, device, phases) -> None:
+def _log(*, rank, is_src, entries, layouts, device, phases, mapped_bytes: int = 0) -> None:
     total = sum(phases.values())
     nbytes = sum(e.nbytes for e in entries)
     sent = sum(lay.wire_total for lay in layouts)
     buckets = sum(len(lay.buckets) for lay in layouts)
     last_stats.clear()
     last_stats.update(rank=rank, bytes=nbytes, sent_bytes=sent, tensors=len(entries),
-                      buckets=buckets, device=str(device), seconds=total,
+                      buckets=buckets, device=str(device), seconds=total, read_from_mapped_files=mapped_bytes,
                       **{f"{k}_s": v for k, v in phases.items()})
     if is_src and logger.isEnabledFor(logging.INFO):
         fill = phases["fill"]

@@ -1,6 +1,7 @@
 """materialize() on 2 and 3 real gloo ranks: bit-exact against single-process loading, ties, errors."""
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import pytest
@@ -865,3 +866,66 @@ def test_extra_state_tensor_from_a_safetensors_file(tmp_path):
     path = str(tmp_path / "model.safetensors")
     save_file(ref.state_dict(), path)
     assert run_ranks(_tensor_extra_state_worker, 2, path, timeout=120) == [[7, 1, 2, 9]] * 2
+
+
+# ------------------------------------------------------------------------------------ read_mapped
+
+def _mapped_worker(rank, world, paths, touch):
+    from fsdp_fastload import api, materialize
+
+    def load(path):
+        model = models.load_reference(path)  # its tensors stay mapped from the safetensors files
+        if touch:  # written in place through .data (a merged adapter, say): that mapping has pages of its own
+            w = next(p for p in model.parameters() if p.is_floating_point() and p.numel())
+            w.data.view(-1)[:1] += 1
+        return model
+
+    out = {}
+    for name, path in paths.items():
+        model = load(path) if rank == 0 else models.build_meta(path)
+        materialize(model, "cpu", read_mapped=True, poison=True, verify=True)
+        out[name] = (compare(model, load(path), _hf_forward), api.last_stats["read_from_mapped_files"])
+    return out
+
+
+@pytest.mark.parametrize("touch", [False, True])
+def test_src_reads_its_mapped_tensors_from_the_files(ckpts, tmp_path, touch):
+    """With read_mapped=True src reads from_pretrained's tensors from their files, bit for bit; a
+    mapping written to since (one file of a sharded checkpoint) is read through memory."""
+    paths = {n: ckpts[n] for n in ("llama", "gemma3_bf16")}
+    paths["llama-sharded"] = models.make_checkpoint("llama", str(tmp_path), shard=True)
+    assert len([f for f in os.listdir(paths["llama-sharded"]) if f.endswith(".safetensors")]) > 1
+    res = run_ranks(_mapped_worker, 2, paths, touch)
+    for rank, per_rank in enumerate(res):
+        for name, (bad, from_files) in per_rank.items():
+            assert bad == [], f"rank {rank} {name}: {bad}"
+            if rank:
+                assert from_files == 0
+            elif not touch or name == "llama-sharded":  # the other files of a sharded checkpoint are untouched
+                assert from_files > 0, name
+            else:
+                assert from_files == 0, name
+
+
+def test_file_backed_finds_only_unwritten_mappings_of_the_same_file(tmp_path):
+    from fsdp_fastload.layout import memory_facts
+    from fsdp_fastload.source import FileTensor, file_backed
+
+    path = tmp_path / "raw.bin"
+    data = torch.arange(4096, dtype=torch.float32)
+    path.write_bytes(data.numpy().tobytes())
+    mapped = torch.from_file(str(path), shared=False, size=4096, dtype=torch.float32)
+    views = [mapped[10:20], mapped[1000:3000].view(40, 50), torch.zeros(8), mapped[5:5]]
+    got = file_backed(memory_facts(views), [v.shape for v in views])
+    assert got[0] == FileTensor(str(path), 40, 40, torch.float32, (10,))
+    assert got[1] == FileTensor(str(path), 4000, 8000, torch.float32, (40, 50))
+    assert got[2] is None and got[3] is None  # malloc-ed; empty
+    assert file_backed(memory_facts(views), [v.shape for v in views], min_bytes=1 << 30) == [None] * 4
+    other = tmp_path / "other.bin"
+    other.write_bytes(path.read_bytes())
+    os.replace(other, path)  # the same name, another file: its bytes may differ from the mapping's
+    assert file_backed(memory_facts(views[:2]), [v.shape for v in views[:2]]) == [None, None]
+    again = torch.from_file(str(path), shared=False, size=4096, dtype=torch.float32)
+    assert file_backed(memory_facts([again[:4]]), [(4,)])[0] is not None
+    again[4] = 7  # a page of its own: the file no longer holds what memory does
+    assert file_backed(memory_facts([again[:4]]), [(4,)]) == [None]
