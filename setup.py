@@ -23,7 +23,8 @@ def _torch_libstdcxx():
     try:
         with open("/proc/self/maps") as maps:  # torch is imported: its libstdc++ is mapped
             for line in maps:
-                path = line.split()[-1]
+                fields = line.rstrip("\n").split(None, 5)
+                path = fields[5] if len(fields) == 6 else ""
                 if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
                     return [path]
     except OSError:
