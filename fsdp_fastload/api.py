@@ -255,7 +255,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
         except Exception as e:  # noqa: BLE001  src cannot plan: every rank hears why before any data moves
             error = f"planning the transfer failed: {_sentence(e)}"
     # bytes src reads from the files its tensors are mapped from (read_mapped), for last_stats
-    mapped_bytes = sum(s.nbytes for s in rep_sources if type(s) is FileTensor) if rep_sources and src_plan is None else 0
+    mapped_bytes = (sum(s.nbytes for s in rep_sources if type(s) is FileTensor)
+                    if opts["read_mapped"] and rep_sources and src_plan is None else 0)
     fp = fingerprint(entries, (src, bool(verify), [path for path, _ in extra_mods])) if distributed else 0
     # CPU targets: the flat buffer is allocated now (a rank that cannot have it says so in the
     # agreement) and its pages faulted in on a background thread while this rank waits for src's
