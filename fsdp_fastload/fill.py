@@ -57,17 +57,19 @@ class Packer:
     """
 
     def __init__(self, sources: list, layout: Layout, *, read_threads: int = 4, names: list | None = None,
-                 facts: list | None = None, pieces: tuple[list, list] | None = None):
+                 facts: list | None = None, pieces: tuple[list, list] | None = None, only: list | None = None):
         """`pieces`: (byte offsets, element counts) per source, where entry i's bytes are that many
         elements of `sources[i]` from that byte on, already in its wire dtype (a shard of a full
-        tensor or file range, without a slice object per shard); an offset of None: the whole source."""
+        tensor or file range, without a slice object per shard); an offset of None: the whole source.
+        `only`: the entries this packer covers (default: all), for buckets of theirs alone."""
         self.read_threads = read_threads
         self.names = names  # per source: the tensor's name, for error messages
         wire_off, wire_dtype = layout.wire, layout.wire_dtype
         if facts is None:
             facts = memory_facts(sources)
         skips, counts = pieces if pieces is not None else (None, None)
-        spans = [(wire_off[i], i) for i in range(len(sources)) if wire_off[i] >= 0 and sources[i] is not None]
+        spans = [(wire_off[i], i) for i in (range(len(sources)) if only is None else only)
+                 if wire_off[i] >= 0 and sources[i] is not None]
         spans.sort()
         starts, ends, kinds, objs, offs, runs, ids = [], [], [], [], [], [], []
         self.cross: set[int] = set()  # runs of CPU memory that span several storages

@@ -117,7 +117,7 @@ def compare_sharded(model, ref, rank, world, *, forward=None, device="cpu", alig
     return bad
 
 
-def _hf_fsdp2_worker(rank, world, cases, source_kind):
+def _hf_fsdp2_worker(rank, world, cases, source_kind, bucket_size=None):
     from fsdp_fastload import materialize
 
     mesh = _mesh(world)
@@ -131,7 +131,7 @@ def _hf_fsdp2_worker(rank, world, cases, source_kind):
             sd = dict(ref.state_dict())
         else:
             sd = path
-        materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
+        materialize(model, "cpu", state_dict=sd, poison=True, verify=True, bucket_size=bucket_size)
         out[name] = compare_sharded(model, ref, rank, world,
                                     forward=lambda m: models.logits(m, models.example_inputs(m)))
     return out
@@ -413,7 +413,7 @@ class ColumnNet(nn.Module):
         return self.b(self.a(x))
 
 
-def _column_worker(rank, world, source):
+def _column_worker(rank, world, source, bucket_size=None):
     from safetensors.torch import load_file
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
@@ -430,7 +430,7 @@ def _column_worker(rank, world, source):
     for m in (model.a, model.b, model):
         fully_shard(m, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 else Shard(0))
     sd = (dict(ref.state_dict()) if source == "mapping" else source) if rank == 0 else None
-    materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
+    materialize(model, "cpu", state_dict=sd, poison=True, verify=True, bucket_size=bucket_size)
     if {p.placements[0].dim for p in model.parameters() if p.ndim == 2} != {1}:
         return ["weights are not Shard(1)"]
     return compare_sharded(model, ref, rank, world, forward=lambda m: m(torch.ones(3, 6)).detach())
@@ -448,6 +448,67 @@ def test_shard_dim1_boxes(tmp_path, dtype):
         source = str(tmp_path / "model.safetensors")
         save_file({k: v.to(dtype).contiguous() for k, v in ColumnNet().state_dict().items()}, source)
     assert run_ranks(_column_worker, 2, source) == [[], []]
+
+
+class Stack(nn.Module):
+    """Mid-sized parameters with odd row counts: with a small bucket several go into one scatter
+    bucket and some straddle two (and two windows of src's packers)."""
+
+    def __init__(self):
+        super().__init__()
+        # first: 1.6-2.4 MB per rank, sent on its own; the transfer's first bucket takes 1 MiB of it
+        self.wide = nn.Linear(200, 6000)
+        self.layers = nn.ModuleList([nn.Linear(200, 257) if i % 2 == 0 else nn.Linear(257, 200) for i in range(12)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.wide(x)
+
+
+def _stack_worker(rank, world, source):
+    from fsdp_fastload import materialize
+
+    ref = _seeded(Stack, "cpu", 1)
+    if source != "mapping":  # the reference holds what the bf16 file holds, in the model's dtype
+        from safetensors.torch import load_file
+        ref.load_state_dict({k: v.float() for k, v in load_file(source).items()})
+    model = shard_model(_seeded(Stack, "meta", 1), _mesh(world))
+    sd = (dict(ref.state_dict()) if source == "mapping" else source) if rank == 0 else None
+    # 1 MiB per scatter; the small ones packed, `wide` sent on its own over two scatters
+    materialize(model, "cpu", state_dict=sd, poison=True, verify=True, bucket_size=2 << 20, direct_min=1 << 20)
+    return compare_sharded(model, ref, rank, world, forward=lambda m: m(torch.ones(2, 200)).detach())
+
+
+def _windowed_worker(rank, world, window, kind, arg):
+    from fsdp_fastload import shard
+
+    shard.RankPackers.WINDOW = window  # src's packers made this many entries at a time
+    if kind == "stack":
+        return {f"stack from {arg}": _stack_worker(rank, world, arg)}
+    if kind == "column":
+        return {"column": _column_worker(rank, world, arg, bucket_size=64)}
+    return _hf_fsdp2_worker(rank, world, arg, "dir", bucket_size=4096)
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_packers_made_window_by_window(ckpts, tmp_path, window):
+    """src makes each rank's packers for a window of entries at a time, when the scatters reach it:
+    the same shards bit for bit with windows of 1 and 3 entries, with entries that straddle two
+    buckets (and windows), from memory and converted from a bf16 file, on 2 and 3 ranks; column
+    boxes cut out of converted full tensors; a transformers checkpoint into fp32 parameters."""
+    from safetensors.torch import save_file
+
+    stack = str(tmp_path / "stack.safetensors")
+    save_file({k: v.bfloat16().contiguous() for k, v in _seeded(Stack, "cpu", 1).state_dict().items()}, stack)
+    torch.manual_seed(0)
+    column = str(tmp_path / "column.safetensors")
+    save_file({k: v.bfloat16().contiguous() for k, v in ColumnNet().state_dict().items()}, column)
+    cases = {"llama_bf16": (ckpts["llama_bf16"], torch.float32)}
+    for world, kind, arg in [(3, "stack", "mapping"), (2, "stack", stack), (2, "column", column), (2, "dir", cases)]:
+        for rank, res in enumerate(run_ranks(_windowed_worker, world, window, kind, arg, timeout=300)):
+            for name, bad in res.items():
+                assert bad == [], f"rank {rank} {name}: {bad}"
 
 
 def _offload_worker(rank, world):
@@ -658,7 +719,7 @@ def _tp_worker(rank, world, source, fsdp, titan):
     if fsdp and any(model.get_parameter(n).device_mesh.mesh_dim_names != m for n, m in want_mesh.items()):
         return [f"meshes: {[(n, model.get_parameter(n).device_mesh) for n in want_mesh]}, expected {want_mesh}"]
     sd = (dict(ref.state_dict()) if source == "mapping" else source) if rank == 0 else None
-    materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
+    materialize(model, "cpu", state_dict=sd, poison=True, verify=True, bucket_size=bucket_size)
     bad = _compare_with_torch_sharding(model, torch_sharded, _tensors(ref))
     x = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(1))  # (batch, sequence, features)
     if not bad and not torch.equal(model(x).detach(), torch_sharded(x).detach()):
