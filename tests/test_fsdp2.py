@@ -719,7 +719,7 @@ def _tp_worker(rank, world, source, fsdp, titan):
     if fsdp and any(model.get_parameter(n).device_mesh.mesh_dim_names != m for n, m in want_mesh.items()):
         return [f"meshes: {[(n, model.get_parameter(n).device_mesh) for n in want_mesh]}, expected {want_mesh}"]
     sd = (dict(ref.state_dict()) if source == "mapping" else source) if rank == 0 else None
-    materialize(model, "cpu", state_dict=sd, poison=True, verify=True, bucket_size=bucket_size)
+    materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
     bad = _compare_with_torch_sharding(model, torch_sharded, _tensors(ref))
     x = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(1))  # (batch, sequence, features)
     if not bad and not torch.equal(model(x).detach(), torch_sharded(x).detach()):
