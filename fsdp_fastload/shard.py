@@ -291,7 +291,7 @@ class RankPackers:
         sent = sorted((layout.wire[i], i) for i in range(len(sources))
                       if layout.wire[i] >= 0 and sources[i] is not None)
         starts = [w for w, _ in sent]
-        ends = [w + g.slot_numel * wire[i].itemsize for w, i in sent for g in (geos[i],)]
+        ends = [w + geos[i].slot_numel * wire[i].itemsize for w, i in sent]
         self.window_of: list[int] = []
         self.windows: list[list[int]] = []
         lo = 0  # first sent entry not yet in a closed window
