@@ -15,6 +15,7 @@ left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 limit() { local l; l=$(left); (( l < $1 )) && echo "$l" || echo "$1"; }
 stage() { echo "=== $1 at $(( $(date +%s) - T0 )) s (limit $2 s)"; }
 STAGES=" ${STAGES:-env build tests bench raise demo probe} "  # a shorter call: STAGES="build raise tests"
+# "suite" (not in the default): the rest of tests/ on this machine's torch, with CUDA present
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 
 if want env; then
@@ -46,6 +47,14 @@ stage bench "$(limit 120)"
 timeout "$(limit 120)" $PY benchmarks/gpu_bench.py --models medium,1b --runs 3 --out "$OUT/bench.md" \
     > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; grep -E "^\[|Error|error" "$OUT/bench.log" | tail -25
+fi
+
+if want suite; then
+stage suite "$(limit 240)"
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${SUITE_WORKERS:-12}")
+timeout "$(limit 240)" $PY -m pytest -p no:cacheprovider -q $XDIST -rf --tb=short --durations=5 tests \
+    --ignore=tests/test_cuda.py --ignore=tests/test_ops.py --ignore=tests/test_layout.py > "$OUT/suite.log" 2>&1
+echo "suite rc=$?"; grep -E "passed|failed|error|FAILED|ERROR|crashed" "$OUT/suite.log" | cut -c1-300 | tail -30
 fi
 
 if want raise; then
