@@ -170,9 +170,10 @@ METHODS = {
     "to_cuda": (lambda ctx: _hf(ctx["path"]), _synced(lambda m, ctx: m.to(ctx["dev"])),
                 "from_pretrained on CPU (untimed), then model.to(cuda)"),
     "ours": (lambda ctx: _hf(ctx["path"]), _materialize(),
-             "from_pretrained on CPU (untimed), then materialize(model, cuda)"),
-    "ours_read_mapped": (lambda ctx: _hf(ctx["path"]), _materialize(read_mapped=True),
-                         "the same, src reading its tensors from the files they are mapped from (read_mapped=True)"),
+             "from_pretrained on CPU (untimed), then materialize(model, cuda): src reads the tensors from "
+             "the files they are mapped from (read_mapped's default onto a device)"),
+    "ours_no_read_mapped": (lambda ctx: _hf(ctx["path"]), _materialize(read_mapped=False),
+                            "the same, src copying its tensors out of their mapping (read_mapped=False)"),
     "ours_1thread": (lambda ctx: _hf(ctx["path"]), _one_thread(_materialize()),
                      "the same with torch.set_num_threads(1): src packs its staging buffers on one core"),
     "hf_device_map": (lambda ctx: None, _synced(lambda _, ctx: _hf(ctx["path"], device_map=str(ctx["dev"]))),
@@ -184,7 +185,11 @@ METHODS = {
     "ours_fsdp2_sd": (lambda ctx: _fsdp2(_meta(ctx["path"]), ctx), _materialize(state_dict="path_str"),
                       "FSDP2 meta model, materialize(state_dict=<dir>), end to end"),
     "ours_fsdp2": (lambda ctx: _fsdp2(_meta(ctx["path"]), ctx), _materialize(state_dict="full_sd"),
-                   "FSDP2 meta model, materialize(state_dict=<full CPU state dict>)"),
+                   "FSDP2 meta model, materialize(state_dict=<full CPU state dict>), its tensors mapped "
+                   "from the files (safetensors' load_file) read from them (read_mapped's default)"),
+    "ours_fsdp2_no_read_mapped": (lambda ctx: _fsdp2(_meta(ctx["path"]), ctx),
+                                  _materialize(state_dict="full_sd", read_mapped=False),
+                                  "the same, copied out of their mapping (read_mapped=False)"),
     # (a copy of the dict each run: set_model_state_dict replaces the caller's values with its DTensors
     # on the device, so the next run would start from GPU memory)
     "dcp_fsdp2": (lambda ctx: (_fsdp2(_meta(ctx["path"]), ctx).to_empty(device=ctx["dev"]), dict(ctx["full_sd"])), _dcp,

@@ -38,13 +38,14 @@ if want tests; then
 stage tests "$(limit 150)"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")  # a crashing test then fails alone
 FSDP_FASTLOAD_REQUIRE_EXTENSION=1 timeout "$(limit 150)" $PY -m pytest -p no:cacheprovider -q $XDIST -rf \
-    --tb=short --durations=5 tests/test_cuda.py tests/test_ops.py tests/test_layout.py > "$OUT/pytest.log" 2>&1
+    --tb=short --durations=5 ${CUDA_TESTS:-tests/test_cuda.py tests/test_ops.py tests/test_layout.py} > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; grep -E "passed|failed|error|FAILED|ERROR|crashed" "$OUT/pytest.log" | cut -c1-300 | tail -30
 fi
 
 if want bench; then
 stage bench "$(limit 120)"
 timeout "$(limit 120)" $PY benchmarks/gpu_bench.py --models medium,1b --runs 3 --out "$OUT/bench.md" \
+    ${BENCH_METHODS:+--methods "$BENCH_METHODS"} \
     > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; grep -E "^\[|Error|error" "$OUT/bench.log" | tail -25
 fi

@@ -40,7 +40,8 @@ _TUNING = {
     "read_threads": 4,  # threads reading safetensors byte ranges on src
     "prefault": True,  # CPU targets: fault the flat buffer's pages in on a background thread, early
     "timeout": None,  # seconds one wait on a broadcast may block; None: max(60, bytes sent / 50 MB/s)
-    "read_mapped": False,  # True: src reads its tensors mapped from files (from_pretrained's) from the files
+    # src reads its tensors mapped from files (from_pretrained's) from the files; None: onto a device
+    "read_mapped": None,
 }
 # Below this a thread is not worth starting. Above it, faulting in on a thread pays: fresh memory
 # costs ~0.4 s/GB to touch on a 2-core VM, and receivers wait for src's plan anyway (measured on the
@@ -86,9 +87,10 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
         verify: all-gather per-tensor checksums afterwards and raise naming any tensor that differs.
         **tuning: ``bucket_size`` (bytes; auto 4-16 MiB), ``direct_min`` (half a bucket), ``max_inflight`` (4), ``poison`` (False),
             ``progress`` (None: auto), ``strict`` (False), ``buffer_init`` (None),
-            ``read_threads`` (4), ``read_mapped`` (False; True: src reads its tensors that are
-            mapped from files, as ``from_pretrained`` leaves them, from the files with ``pread``
-            instead of through the mapping, where no page of the mapping was written; see README),
+            ``read_threads`` (4), ``read_mapped`` (None: when ``device`` is not the CPU; True: src
+            reads its tensors that are mapped from files, as ``from_pretrained`` leaves them, from
+            the files with ``pread`` instead of through the mapping, where no page of them was
+            written since; see README),
             ``timeout`` (seconds any one wait on a bucket broadcast may block;
             None: ``max(60, bytes sent / 50 MB/s)``, so only a dead or stuck peer trips it. The
             agreement before any data moves waits as long as the process group's timeout, since
@@ -130,10 +132,10 @@ def _bad_options(tuning: dict) -> str | None:
               "direct_min": lambda v: v is None or number(v, 0),
               "max_inflight": lambda v: count(v, 1), "read_threads": lambda v: count(v, 0),
               "buffer_init": lambda v: v is None or callable(v),
-              "read_mapped": lambda v: isinstance(v, bool)}
+              "read_mapped": lambda v: v is None or isinstance(v, bool)}
     what = {"bucket_size": "None or a positive number of bytes", "direct_min": "None or a number of bytes >= 0",
             "max_inflight": "an int >= 1", "read_threads": "an int >= 0", "buffer_init": "None or a callable",
-            "read_mapped": "True or False"}
+            "read_mapped": "None, True or False"}
     bad = [k for k, ok in checks.items() if k in tuning and not ok(tuning[k])]
     if bad:
         return "; ".join(f"{k}={tuning[k]!r} must be {what[k]}" for k in bad)
@@ -247,16 +249,14 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
             error = f"get_extra_state() of a module failed on src: {_sentence(e)}"
     layout = shd_layout = None
     sources = wire_all = facts = rep_sources = None
+    mapped_bytes = 0  # src: bytes read from the files its tensors are mapped from (read_mapped)
     if error is None and is_src:
         try:
-            sources, rep_sources, wire_all, facts, layout, shd_layout = _plan_src(
+            sources, rep_sources, wire_all, facts, layout, shd_layout, mapped_bytes = _plan_src(
                 entries, rep, rep_entries, shd, slots, src_plan, opts, world=len(ranks),
-                align=device_align(device))
+                align=device_align(device), device=device)
         except Exception as e:  # noqa: BLE001  src cannot plan: every rank hears why before any data moves
             error = f"planning the transfer failed: {_sentence(e)}"
-    # bytes src reads from the files its tensors are mapped from (read_mapped), for last_stats
-    mapped_bytes = (sum(s.nbytes for s in rep_sources if type(s) is FileTensor)
-                    if opts["read_mapped"] and rep_sources and src_plan is None else 0)
     fp = fingerprint(entries, (src, bool(verify), [path for path, _ in extra_mods])) if distributed else 0
     # CPU targets: the flat buffer is allocated now (a rank that cannot have it says so in the
     # agreement) and its pages faulted in on a background thread while this rank waits for src's
@@ -513,9 +513,10 @@ def _set_extra_state(extra_mods: list, values: dict, rank: int) -> None:
 
 
 def _plan_src(entries: list[Entry], rep: list[int], rep_entries: list[Entry], shd: list[int],
-              slots: list[Entry], src_plan, opts: dict, *, world: int, align: int) -> tuple:
+              slots: list[Entry], src_plan, opts: dict, *, world: int, align: int,
+              device: torch.device) -> tuple:
     """src's (sources, those of the replicated entries, wire dtypes, memory facts of the replicated
-    sources, layout, shards' layout)."""
+    sources, layout, shards' layout, bytes to read from the files its tensors are mapped from)."""
     sources = src_plan.sources if src_plan is not None else [e.tensor for e in entries]
     wire_all = src_plan.wire if src_plan is not None else [e.dtype for e in entries]
     bucket = opts["bucket_size"] or _auto_bucket(sum(e.nbytes for e in entries))
@@ -523,17 +524,25 @@ def _plan_src(entries: list[Entry], rep: list[int], rep_entries: list[Entry], sh
     rep_args = dict(bucket_size=bucket, direct_min=direct_min, wire=[wire_all[i] for i in rep], align=align)
     rep_sources = [sources[i] for i in rep]
     facts = memory_facts(rep_sources)
-    if src_plan is None and opts["read_mapped"]:
-        # from_pretrained's tensors, mapped from their files: read from the files (see
-        # source.file_backed); an opt-in: on a 2-core VM reading them was slower than copying them
-        # out of the mapping, and where it pays (device targets, an expensive page fault) is unmeasured
-        mapped = file_backed(facts, [e.shape for e in rep_entries])
+    read_mapped, mapped_bytes = opts["read_mapped"], 0
+    if read_mapped or (read_mapped is None and device.type != "cpu"):
+        # Tensors mapped from files (from_pretrained's model, or its state_dict() passed as
+        # state_dict=): read from the files (see source.file_backed). By default onto devices only:
+        # on one H100 src's fill ran 1.3-1.9x faster so; on a 2-core VM copying out of the mapping
+        # was the faster.
+        shd_facts = memory_facts([sources[i] for i in shd]) if shd else []
+        mapped = file_backed(facts + shd_facts, [e.shape for e in rep_entries] + [entries[i].shape for i in shd])
         if any(m is not None for m in mapped):
             sources = list(sources)
             for k, m in enumerate(mapped):
-                if m is not None:
+                if m is None:
+                    continue
+                mapped_bytes += m.nbytes
+                if k < len(rep):
                     rep_sources[k] = sources[rep[k]] = m
                     facts[k] = None
+                else:
+                    sources[shd[k - len(rep)]] = m
     layout = plan(rep_entries, sources=rep_sources, facts=facts, **rep_args)
     if layout.main_total > _main_estimate(entries, rep, [], [], align):
         # Runs of src's memory keep the gaps between its tensors (malloc's headers: ~40% more bytes
@@ -544,7 +553,7 @@ def _plan_src(entries: list[Entry], rep: list[int], rep_entries: list[Entry], sh
     if shd:  # each scatter moves `world` pieces: keep src's staging near a bucket
         shd_layout = plan(slots, direct_min=direct_min, bucket_size=max(bucket // world, 1 << 20),
                           wire=[wire_all[i] for i in shd], align=align)
-    return sources, rep_sources, wire_all, facts, layout, shd_layout
+    return sources, rep_sources, wire_all, facts, layout, shd_layout, mapped_bytes
 
 
 def _missing_hints(module: nn.Module, missing: list[str], *, sharded: bool) -> str:

@@ -144,15 +144,17 @@ def file_backed(facts: list, shapes: list, *, min_bytes: int = 0) -> list[FileTe
 
     `from_pretrained` leaves a model's tensors mapped from its safetensors files (a private, writable
     mapping). Copying them out faults each page of that mapping in, where reading the same bytes from
-    the file (`read_ranges`) does not: on one H100 and one H200 the checkpoint flow ran 1.5x faster
-    onto the GPU than the same model sent from its mapping (on a 2-core VM copying out of the
-    mapping was the faster; hence materialize's opt-in `read_mapped`). A range is used only when its whole mapping has no
-    page of its own (`Anonymous: 0 kB` in /proc/self/smaps: nothing was written to it since it was
-    mapped, e.g. a merged adapter) and the file is still the one mapped (same device and inode,
-    still that long). Linux only; anywhere else, or if /proc cannot be read, everything is None.
-    Reading smaps walks the process's page tables (~30 ms with torch loaded, on 2 slow cores): it is
-    read only when the tensors mapped from files (found in the cheap /proc/self/maps) hold at least
-    `min_bytes`; fewer, and everything is None.
+    the file (`read_ranges`, several threads) does not: on one H100 and one H200 the checkpoint flow
+    ran 1.5x faster onto the GPU than the same model sent from its mapping (on a 2-core VM copying out
+    of the mapping was the faster: see materialize's `read_mapped`). A range is used only when no page
+    of it was written since it was mapped (a merged adapter, say: such a page is the process's own
+    copy, no longer the file's) and the file is still the one mapped (same device and inode, still
+    that long). Written pages are found in /proc/self/pagemap (present and not a file page, or
+    swapped), read for the tensors' pages alone (~2 ms a GB untouched); where pagemap does not answer
+    as Linux documents it (checked on a page this process wrote), in /proc/self/smaps (a mapping with
+    `Anonymous` pages is left out whole; it walks every mapping of the process: 30-70 ms). Linux only;
+    anywhere else, or if /proc cannot be read, everything is None. Nothing is read past the cheap
+    /proc/self/maps unless the tensors mapped from files hold at least `min_bytes`.
 
     Example::
 
@@ -165,27 +167,86 @@ def file_backed(facts: list, shapes: list, *, min_bytes: int = 0) -> list[FileTe
     if not wanted:
         return out
     regions = _file_mappings("maps")  # cheap: which tensors lie in a file's mapping at all
-    if not regions or sum(r[3] * r[2].itemsize for r in (facts[i] for i in wanted)
-                          if _region_of(regions, r[0], r[3] * r[2].itemsize) is not None) < max(min_bytes, 1):
-        return out
-    regions = _file_mappings("smaps")  # the same, with each mapping's count of written pages
-    files: dict = {}
+    spans = []  # (tensor, address, nbytes) of those that do
     for i in wanted:
-        addr, _, dtype, numel, _ = facts[i]
-        nbytes = numel * dtype.itemsize
+        addr, nbytes = facts[i][0], facts[i][3] * facts[i][2].itemsize
+        if _region_of(regions, addr, nbytes) is not None:
+            spans.append((i, addr, nbytes))
+    if not spans or sum(n for _, _, n in spans) < max(min_bytes, 1):
+        return out
+    written = _written_pages([(a, n) for _, a, n in spans])
+    if written is None:  # no usable pagemap: smaps' count of each mapping's own pages instead
+        regions = _file_mappings("smaps")
+    files: dict = {}
+    for k, (i, addr, nbytes) in enumerate(spans):
         r = _region_of(regions, addr, nbytes)
         if r is None:
             continue
         start, end, offset, dev, inode, path, anonymous = r
-        if anonymous != 0:
+        if written[k] if written is not None else anonymous != 0:
             continue
         size = files.get((path, dev, inode))
         if size is None:
             size = files[(path, dev, inode)] = _same_file_size(path, dev, inode)
         at = offset + addr - start
         if size >= at + nbytes:
-            out[i] = FileTensor(path, at, nbytes, dtype, tuple(shapes[i]))
+            out[i] = FileTensor(path, at, nbytes, facts[i][2], tuple(shapes[i]))
     return out
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_PRESENT, _SWAPPED, _FILE_PAGE = 1 << 63, 1 << 62, 1 << 61  # /proc/<pid>/pagemap's bits
+_BITS = -(1 << 61)  # the three as an int64 mask
+_PRESENT_FILE = -(1 << 63) + (1 << 61)  # a page of the file, mapped (as int64)
+_pagemap_ok: bool | None = None  # whether this kernel's pagemap shows a page this process wrote
+
+
+def _written_pages(spans: list[tuple[int, int]]) -> list[bool] | None:
+    """Per (address, nbytes) span of a private file mapping: whether a page of it is the process's
+    own (written since mapped: present and not a file page, or swapped out); None where
+    /proc/self/pagemap cannot be read or does not answer as Linux documents it. Each page's entry
+    is read once, the spans' pages merged into runs."""
+    global _pagemap_ok
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if _pagemap_ok is None:
+            # A page written here must show as present and the process's own; a pagemap that
+            # answers zeros (or file pages) would let a written page pass as the file's.
+            probe = torch.ones(2 * _PAGE, dtype=torch.uint8)
+            first = (probe.data_ptr() + _PAGE - 1) // _PAGE
+            try:
+                raw = os.pread(fd, 8, 8 * first)
+                v = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+            except OSError:
+                v = 0
+            _pagemap_ok = bool(v & _PRESENT) and not v & (_FILE_PAGE | _SWAPPED)
+        if not _pagemap_ok:
+            return None
+        pages = sorted((a // _PAGE, (a + n - 1) // _PAGE + 1, k) for k, (a, n) in enumerate(spans) if n > 0)
+        out = [False] * len(spans)
+        i = 0
+        while i < len(pages):  # a run: spans whose pages touch or overlap
+            lo, hi, j = pages[i][0], pages[i][1], i + 1
+            while j < len(pages) and pages[j][0] <= hi:
+                hi, j = max(hi, pages[j][1]), j + 1
+            raw = bytearray(8 * (hi - lo))
+            if os.preadv(fd, [raw], 8 * lo) != len(raw):
+                return None
+            bits = torch.frombuffer(raw, dtype=torch.int64) & _BITS  # signed: bit 63 is the sign
+            own = (bits != 0) & (bits != _PRESENT_FILE)  # neither untouched nor the file's page
+            if bool(own.any()):
+                seen = torch.cat([torch.zeros(1, dtype=torch.int64), own.cumsum(0)]).tolist()
+                for first, end, k in pages[i:j]:
+                    out[k] = seen[end - lo] > seen[first - lo]
+            i = j
+        return out
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _region_of(regions: list, addr: int, nbytes: int):

@@ -118,7 +118,7 @@ def compare_sharded(model, ref, rank, world, *, forward=None, device="cpu", alig
 
 
 def _hf_fsdp2_worker(rank, world, cases, source_kind, bucket_size=None):
-    from fsdp_fastload import materialize
+    from fsdp_fastload import api, materialize
 
     mesh = _mesh(world)
     out = {}
@@ -129,11 +129,16 @@ def _hf_fsdp2_worker(rank, world, cases, source_kind, bucket_size=None):
             sd = None
         elif source_kind == "mapping":
             sd = dict(ref.state_dict())
+        elif source_kind == "mapped":  # from_pretrained's state_dict in the checkpoint's dtype, mapped from its files
+            sd = dict(models.load_reference(path).state_dict())
         else:
             sd = path
-        materialize(model, "cpu", state_dict=sd, poison=True, verify=True, bucket_size=bucket_size)
+        materialize(model, "cpu", state_dict=sd, poison=True, verify=True, bucket_size=bucket_size,
+                    read_mapped=source_kind == "mapped")
         out[name] = compare_sharded(model, ref, rank, world,
                                     forward=lambda m: models.logits(m, models.example_inputs(m)))
+        if rank == 0 and source_kind == "mapped" and not api.last_stats["read_from_mapped_files"]:
+            out[name].append("read_mapped=True read nothing from the files the state dict is mapped from")
     return out
 
 
@@ -146,9 +151,13 @@ def ckpts(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("world,source_kind", [(2, "dir"), (3, "dir"), (2, "mapping")])
+@pytest.mark.parametrize("world,source_kind", [(2, "dir"), (3, "dir"), (2, "mapping"), (2, "mapped")])
 def test_transformers_fsdp2_bit_exact(ckpts, world, source_kind):
+    """"mapped": src's state dict is from_pretrained's, its tensors read from the files they are
+    mapped from (read_mapped=True), a bf16 one into fp32 shards among them."""
     cases = {n: (ckpts[n], None) for n in ("llama", "qwen2_tied", "gemma3_bf16", "bert_mlm")}
+    if source_kind == "mapped":
+        cases["llama_bf16-fp32"] = (ckpts["llama_bf16"], torch.float32)
     if world == 3:
         cases = {n: cases[n] for n in ("qwen2_tied", "gemma3_bf16")}
         cases["llama-sharded"] = (ckpts["llama-sharded"], None)

@@ -870,39 +870,55 @@ def test_extra_state_tensor_from_a_safetensors_file(tmp_path):
 
 # ------------------------------------------------------------------------------------ read_mapped
 
-def _mapped_worker(rank, world, paths, touch):
-    from fsdp_fastload import api, materialize
+def _mapped_worker(rank, world, paths, touch, finder, flow):
+    from fsdp_fastload import api, materialize, source
+
+    if finder == "smaps":  # as where /proc/self/pagemap does not answer (checked on a written page)
+        source._pagemap_ok = False
 
     def load(path):
         model = models.load_reference(path)  # its tensors stay mapped from the safetensors files
-        if touch:  # written in place through .data (a merged adapter, say): that mapping has pages of its own
-            w = next(p for p in model.parameters() if p.is_floating_point() and p.numel())
+        w = next(p for p in model.parameters() if p.is_floating_point() and p.numel())
+        if touch:  # written in place through .data (a merged adapter, say): that page is the process's own
             w.data.view(-1)[:1] += 1
-        return model
+        return model, w.numel() * w.element_size()
 
     out = {}
     for name, path in paths.items():
-        model = load(path) if rank == 0 else models.build_meta(path)
-        materialize(model, "cpu", read_mapped=True, poison=True, verify=True)
-        out[name] = (compare(model, load(path), _hf_forward), api.last_stats["read_from_mapped_files"])
+        model, touched = load(path) if rank == 0 else (models.build_meta(path), 0)
+        total = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())
+        sd = None
+        if flow == "state_dict":  # from_pretrained's state dict into a meta model on every rank
+            sd, model = (dict(model.state_dict()) if rank == 0 else None), models.build_meta(path)
+        materialize(model, "cpu", state_dict=sd, read_mapped=True, poison=True, verify=True)
+        out[name] = (compare(model, load(path)[0], _hf_forward), api.last_stats["read_from_mapped_files"],
+                     total, touched)
     return out
 
 
-@pytest.mark.parametrize("touch", [False, True])
-def test_src_reads_its_mapped_tensors_from_the_files(ckpts, tmp_path, touch):
+@pytest.mark.parametrize("touch,finder,flow", [(False, "pagemap", "model"), (True, "pagemap", "model"),
+                                               (True, "smaps", "model"), (True, "pagemap", "state_dict")])
+def test_src_reads_its_mapped_tensors_from_the_files(ckpts, tmp_path, touch, finder, flow):
     """With read_mapped=True src reads from_pretrained's tensors from their files, bit for bit; a
-    mapping written to since (one file of a sharded checkpoint) is read through memory."""
+    tensor written to since is read through memory: found by its page in /proc/self/pagemap, or
+    where that is not used, by its mapping's count of written pages in /proc/self/smaps (then the
+    whole file's mapping is read through memory, the other files of a sharded checkpoint not).
+    The same for from_pretrained's state dict passed as state_dict=."""
     paths = {n: ckpts[n] for n in ("llama", "gemma3_bf16")}
     paths["llama-sharded"] = models.make_checkpoint("llama", str(tmp_path), shard=True)
     assert len([f for f in os.listdir(paths["llama-sharded"]) if f.endswith(".safetensors")]) > 1
-    res = run_ranks(_mapped_worker, 2, paths, touch)
+    res = run_ranks(_mapped_worker, 2, paths, touch, finder, flow)
     for rank, per_rank in enumerate(res):
-        for name, (bad, from_files) in per_rank.items():
+        for name, (bad, from_files, total, touched) in per_rank.items():
             assert bad == [], f"rank {rank} {name}: {bad}"
             if rank:
                 assert from_files == 0
-            elif not touch or name == "llama-sharded":  # the other files of a sharded checkpoint are untouched
-                assert from_files > 0, name
+            elif not touch:
+                assert from_files > 0.9 * total, (name, from_files, total)
+            elif finder == "pagemap":  # all but the written tensor (and what shares its page)
+                assert total * 0.5 < from_files <= total - touched, (name, from_files, total, touched)
+            elif name == "llama-sharded":  # the other files of a sharded checkpoint are untouched
+                assert 0 < from_files <= total - touched, name
             else:
                 assert from_files == 0, name
 
@@ -928,4 +944,32 @@ def test_file_backed_finds_only_unwritten_mappings_of_the_same_file(tmp_path):
     again = torch.from_file(str(path), shared=False, size=4096, dtype=torch.float32)
     assert file_backed(memory_facts([again[:4]]), [(4,)])[0] is not None
     again[4] = 7  # a page of its own: the file no longer holds what memory does
-    assert file_backed(memory_facts([again[:4]]), [(4,)]) == [None]
+    far = again[2048:2058]  # 8 KiB on: another page, still the file's
+    assert file_backed(memory_facts([again[:4], far]), [(4,), (10,)]) == [
+        None, FileTensor(str(path), 8192, 40, torch.float32, (10,))]
+
+
+def test_written_pages_are_found_page_by_page(tmp_path, monkeypatch):
+    """/proc/self/pagemap: a span is written where one of its pages is the process's own; spans
+    sharing pages are read as one run. Where pagemap is not used, smaps leaves the mapping out whole."""
+    from fsdp_fastload import source
+    from fsdp_fastload.layout import memory_facts
+
+    page = source._PAGE
+    path = tmp_path / "raw.bin"
+    path.write_bytes(bytes(range(256)) * (16 * page // 256))
+    mapped = torch.from_file(str(path), shared=False, size=16 * page, dtype=torch.uint8)
+    base = mapped.data_ptr()
+    assert base % page == 0
+    spans = [(base, page), (base + page - 8, 16), (base + 3 * page, 2 * page), (base + 8 * page, 1), (base, 0)]
+    assert source._written_pages(spans) == [False] * 5
+    mapped[: 16 * page : page].sum()  # read: pages of the file, not the process's own
+    assert source._written_pages(spans) == [False] * 5
+    mapped[page + 1] = 0  # page 1: the second span's (which straddles pages 0 and 1)
+    mapped[4 * page] += 1  # page 4: the third span's second page
+    assert source._written_pages(spans) == [False, True, True, False, False]
+    facts = memory_facts([mapped[:page], mapped[8 * page:9 * page]])
+    assert [f is not None for f in source.file_backed(facts, [(page,), (page,)])] == [True, True]
+    monkeypatch.setattr(source, "_pagemap_ok", False)
+    assert source._written_pages(spans) is None
+    assert source.file_backed(facts, [(page,), (page,)]) == [None, None]  # smaps: the mapping has pages of its own
