@@ -949,6 +949,49 @@ def test_file_backed_finds_only_unwritten_mappings_of_the_same_file(tmp_path):
         None, FileTensor(str(path), 8192, 40, torch.float32, (10,))]
 
 
+def test_mappings_found_by_query_equal_those_in_maps(tmp_path, monkeypatch):
+    """The mappings holding given addresses, from the PROCMAP_QUERY ioctl (Linux >= 6.11), equal
+    those /proc/self/maps lists; without the ioctl, maps itself; files under /dev/ and anonymous
+    memory are not files to read."""
+    import mmap
+
+    from fsdp_fastload import source
+    from fsdp_fastload.layout import memory_facts
+    from fsdp_fastload.source import FileTensor
+
+    paths = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    for p in paths:
+        p.write_bytes(bytes(3 * source._PAGE))
+    maps = [torch.from_file(str(p), shared=False, size=3 * source._PAGE, dtype=torch.uint8) for p in paths]
+    shm = torch.zeros(64).share_memory_()  # mapped from a file under /dev/shm
+    anon = torch.zeros(1 << 20)
+    addrs = sorted([maps[0].data_ptr(), maps[0].data_ptr() + 5, maps[1].data_ptr() + source._PAGE,
+                    shm.data_ptr(), anon.data_ptr()])
+    # a mapping that starts 2 pages into its file
+    at_offset = tmp_path / "c.bin"
+    at_offset.write_bytes(bytes(i % 251 for i in range(4 * source._PAGE)))
+    with open(at_offset, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 2 * source._PAGE, flags=mmap.MAP_PRIVATE, offset=2 * source._PAGE)
+    third = torch.frombuffer(mm, dtype=torch.uint8)
+    paths.append(at_offset)
+    addrs = sorted(addrs + [third.data_ptr() + 8])
+    by_maps = [r for r in source._file_mappings("maps") if any(r[0] <= a < r[1] for a in addrs)]
+    assert sorted(r[5] for r in by_maps) == sorted(map(str, paths))
+    got = source._mappings_of(addrs)
+    assert got == by_maps
+    view = third[8:108]
+    (ft,) = source.file_backed(memory_facts([view]), [(100,)])
+    assert ft == FileTensor(str(at_offset), 2 * source._PAGE + 8, 100, torch.uint8, (100,))
+    with open(at_offset, "rb") as f:
+        f.seek(ft.offset)
+        assert f.read(100) == bytes(view.tolist())
+    if not source._procmap_query_ok:
+        pytest.skip("this kernel has no PROCMAP_QUERY: maps was used both times")
+    monkeypatch.setattr(source, "_procmap_query_ok", False)
+    every = source._mappings_of(addrs)  # maps lists every file, asked or not
+    assert len(every) > len(by_maps) and [r for r in every if any(r[0] <= a < r[1] for a in addrs)] == by_maps
+
+
 def test_written_pages_are_found_page_by_page(tmp_path, monkeypatch):
     """/proc/self/pagemap: a span is written where one of its pages is the process's own; spans
     sharing pages are read as one run. Where pagemap is not used, smaps leaves the mapping out whole."""
