@@ -18,7 +18,7 @@ from . import ops, shard
 from .agree import MaterializeError, _peer_errors, agree
 from .buffers import POISON, recompute
 from .comm import Broadcasts, _sentence, first_line, pack_all
-from .fill import Meanwhile, Packer, broadcast_fill, read_file_tensor
+from .fill import Meanwhile, broadcast_fill, make_packer, read_file_tensor
 from .install import commit as commit_install
 from .install import own_buffers
 from .install import prepare as prepare_install
@@ -299,8 +299,9 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
         if distributed:
             failed = None
             try:
-                packer = Packer(sources, layout, read_threads=opts["read_threads"],
-                                names=[e.names[0] for e in entries], facts=facts)
+                packer = make_packer(sources, layout, read_threads=opts["read_threads"],
+                                     names=[e.names[0] for e in entries], facts=facts,
+                                     numels=[e.numel for e in entries])
             except Exception as e:  # noqa: BLE001  sent unpacked (from scratch); every rank raises it after
                 packer, failed = _Unpacked(), _preparing_failed(e)
             problem = broadcast_fill(None, layout, is_src=True, packer=packer, **fill)
@@ -399,8 +400,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
     if is_src and degraded.problem is None:
         try:
             if layout.buckets:
-                packer = Packer(rep_sources, layout, read_threads=opts["read_threads"], facts=facts,
-                                names=[e.names[0] for e in rep_entries])
+                packer = make_packer(rep_sources, layout, read_threads=opts["read_threads"], facts=facts,
+                                     names=[e.names[0] for e in rep_entries], numels=[e.numel for e in rep_entries])
             if shd:
                 packers = shard.rank_packers([sources[i] for i in shd], shd_entries, geos, shd_layout,
                                              read_threads=opts["read_threads"])

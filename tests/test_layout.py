@@ -200,3 +200,53 @@ def test_contiguous_start_matches_torch_on_every_box():
             lo = int(flat[0])
             run = torch.equal(flat, torch.arange(lo, lo + flat.numel()))
             assert got == (lo if run else None), (full, box, got)
+
+
+@pytest.mark.parametrize("window", [1, 3, 1000])
+def test_windowed_packer_sends_what_one_packer_sends(tmp_path, monkeypatch, window):
+    """src's packer made window by window (WindowedPacker) sends every bucket byte for byte as one
+    packer over all tensors does, and finds the same buckets to send in place: runs across storages
+    (kept whole across windows), file ranges, tensors converted to their wire dtype and strided ones,
+    entries straddling buckets and windows."""
+    from fsdp_fastload.fill import WindowedPacker, make_packer
+    from fsdp_fastload.source import FileTensor
+
+    monkeypatch.setattr(WindowedPacker, "WINDOW", window)
+    buf = bytearray(torch.randint(0, 256, (1 << 15,), dtype=torch.uint8).numpy().tobytes())
+    m = _module_over(buf, [(k * 200, torch.float16, (100,)) for k in range(40)])  # one long run
+    path = tmp_path / "raw.bin"
+    raw = torch.randint(0, 256, (1 << 14,), dtype=torch.uint8)
+    path.write_bytes(raw.numpy().tobytes())
+    torch.manual_seed(0)
+    extra = nn.Module()
+    for k in range(30):
+        extra.register_buffer(f"f{k}", raw[k * 300:k * 300 + 296].view(torch.float32).clone())  # values of the file
+        extra.register_buffer(f"c{k}", torch.randn(37))  # fp32, sent as bf16
+        extra.register_buffer(f"s{k}", torch.randn(9, 5).t())  # strided
+    m.extra = extra
+    entries = build_manifest(m)
+    sources, wire = [], []
+    for e in entries:
+        name = e.names[0].split(".")[-1]
+        if name.startswith("f"):
+            k = int(name[1:])
+            sources.append(FileTensor(str(path), k * 300, 296, torch.float32, (74,)))
+        else:
+            sources.append(e.tensor)
+        wire.append(torch.bfloat16 if name.startswith("c") else e.dtype)
+    for bucket in (256, 1 << 12):
+        layout = plan(entries, bucket_size=bucket, direct_min=bucket // 2, wire=wire, sources=sources)
+        assert len(layout.buckets) > 3
+        one = Packer(sources, layout)
+        windowed = make_packer(sources, layout, numels=[e.numel for e in entries])
+        assert isinstance(windowed, WindowedPacker) == (window < len(sources))  # (few tensors: one packer)
+        assert not isinstance(windowed, WindowedPacker) or len(windowed.windows) > 2
+        for a, b in layout.buckets:
+            want, got = one.direct_view(a, b), windowed.direct_view(a, b)
+            assert (want is None) == (got is None), (bucket, a, b)
+            if want is None:
+                want, got = (torch.full((b - a,), 7, dtype=torch.uint8) for _ in range(2))  # (gaps: 7 in both)
+                one.pack(a, b, want)
+                windowed.pack(a, b, got)
+            assert torch.equal(want, got), (bucket, a, b)
+            assert windowed.describe(a, b) == one.describe(a, b)

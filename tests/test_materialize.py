@@ -1016,3 +1016,39 @@ def test_written_pages_are_found_page_by_page(tmp_path, monkeypatch):
     monkeypatch.setattr(source, "_pagemap_ok", False)
     assert source._written_pages(spans) is None
     assert source.file_backed(facts, [(page,), (page,)]) == [None, None]  # smaps: the mapping has pages of its own
+
+
+# ------------------------------------------------------------------------------- windowed packer
+
+def _windowed_worker(rank, world, paths, window):
+    from fsdp_fastload import fill, materialize
+
+    fill.WindowedPacker.WINDOW = window  # src's packer made for this many tensors' buckets at a time
+    out = {}
+    for name, (path, dtype) in paths.items():
+        ref = models.load_reference(path, dtype=dtype)
+        for flow in ("model", "dir", "mapping"):
+            sd = None
+            if flow == "model" and dtype is None:  # src's own CPU tensors sent in place (kept)
+                model = models.load_reference(path) if rank == 0 else models.build_meta(path)
+            elif flow == "model":
+                continue
+            else:
+                model = models.build_meta(path, dtype=dtype)
+                if rank == 0:  # (mapping: the checkpoint's dtype, converted on the way)
+                    sd = path if flow == "dir" else dict(models.load_reference(path).state_dict())
+            materialize(model, "cpu", state_dict=sd, poison=True, verify=True, bucket_size=4096, direct_min=2048)
+            out[f"{name} {flow}"] = compare(model, ref, _hf_forward)
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 7])
+def test_src_packer_made_window_by_window(ckpts, window):
+    """src's packer is made for a window of tensors at a time as the buckets reach it: the same
+    values, bit for bit, from src's model, a checkpoint and a mapping, in 4 KiB buckets (entries
+    straddling buckets and windows), bf16 files into fp32 parameters, tied embeddings."""
+    paths = {"llama": (ckpts["llama"], None), "qwen2_tied": (ckpts["qwen2_tied"], None),
+             "llama_bf16-fp32": (ckpts["llama_bf16"], torch.float32)}
+    for rank, res in enumerate(run_ranks(_windowed_worker, 2, paths, window, timeout=300)):
+        for name, bad in res.items():
+            assert bad == [], f"rank {rank} {name}: {bad}"
