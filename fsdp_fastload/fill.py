@@ -18,7 +18,7 @@ import torch
 
 from . import ops
 from .comm import Broadcasts, first_line
-from .layout import CROSS_GAP, Layout, memory_facts
+from .layout import CROSS_GAP, Layout, bucket_windows, memory_facts
 from .source import FileTensor
 
 
@@ -271,27 +271,10 @@ class WindowedPacker:
         self.kw = dict(read_threads=read_threads, names=names,
                        facts=memory_facts(sources) if facts is None else facts)
         wire, dtypes = layout.wire, layout.wire_dtype
-        # the sent entries in wire order (a sort by key and one list: ~0.5 us a tensor)
-        order = sorted((i for i in range(len(sources)) if wire[i] >= 0 and sources[i] is not None and numels[i]),
-                       key=wire.__getitem__)
-        starts = [wire[i] for i in order]
+        sent = [i for i in range(len(sources)) if wire[i] >= 0 and sources[i] is not None and numels[i]]
+        nbytes = [n * d.itemsize if d is not None else 0 for n, d in zip(numels, dtypes)]
         self.bucket_starts = [a for a, _ in layout.buckets]
-        self.window_of: list[int] = []
-        self.windows: list[list[int]] = []
-        lo, first_a = 0, None  # first sent entry not yet in a closed window; that window's first byte
-        for k, (a, b) in enumerate(layout.buckets):
-            if first_a is None:
-                first_a = a
-            self.window_of.append(len(self.windows))
-            hi = bisect.bisect_left(starts, b)
-            if hi - lo >= self.WINDOW or k == len(layout.buckets) - 1:
-                j0 = lo  # and the entry before, if it is still going at the window's start (entries do
-                if lo:  # not overlap: no other one can be)
-                    i = order[lo - 1]
-                    if starts[lo - 1] + numels[i] * dtypes[i].itemsize > first_a:
-                        j0 = lo - 1
-                self.windows.append(order[j0:hi])
-                lo, first_a = hi, None
+        self.window_of, self.windows = bucket_windows(layout.buckets, wire, sent, nbytes, self.WINDOW)
         self.current, self.packer = -1, None
 
     def _for(self, a: int) -> Packer:

@@ -13,6 +13,8 @@ Buckets are byte ranges of the virtual wire space [0, direct) -> main[0:direct),
 """
 from __future__ import annotations
 
+import bisect
+
 from dataclasses import dataclass
 
 import torch
@@ -238,3 +240,34 @@ def _buckets(spans: list[tuple[int, int, bool]], size: int) -> list[tuple[int, i
     if group is not None:
         out.append((group[0], group[1]))
     return out
+
+
+def bucket_windows(buckets: list[tuple[int, int]], wire: list[int], sent: list[int], nbytes: list[int],
+                   size: int) -> tuple[list[int], list[list[int]]]:
+    """Runs of whole buckets holding about `size` entries each, for src's packers made a window at
+    a time: (each bucket's window, each window's entries). `sent`: the entries that are sent, with
+    wire offsets `wire[i]` and `nbytes[i]` wire bytes (none empty). An entry that straddles two
+    windows is in both.
+
+    Example::
+
+        >>> bucket_windows([(0, 8), (8, 16)], wire=[0, 6, 12], sent=[0, 1, 2], nbytes=[6, 6, 4], size=1)
+        ([0, 1], [[0, 1], [1, 2]])
+    """
+    order = sorted(sent, key=wire.__getitem__)  # (a sort by key and one list: ~0.5 us an entry)
+    starts = [wire[i] for i in order]
+    window_of: list[int] = []
+    windows: list[list[int]] = []
+    lo, first_a = 0, None  # first entry not yet in a closed window; that window's first byte
+    for k, (a, b) in enumerate(buckets):
+        if first_a is None:
+            first_a = a
+        window_of.append(len(windows))
+        hi = bisect.bisect_left(starts, b)
+        if hi - lo >= size or k == len(buckets) - 1:
+            # and the entry before, if still going at the window's start (entries do not overlap:
+            # no other one can be)
+            j0 = lo - 1 if lo and starts[lo - 1] + nbytes[order[lo - 1]] > first_a else lo
+            windows.append(order[j0:hi])
+            lo, first_a = hi, None
+    return window_of, windows

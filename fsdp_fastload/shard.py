@@ -16,7 +16,6 @@ bookkeeping pointing at the same storage (no copy on its lazy init).
 """
 from __future__ import annotations
 
-import bisect
 import time
 import weakref
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from torch import nn
 
 from . import ops
 from .fill import Meanwhile, _progress, staging_problem
-from .layout import Layout
+from .layout import Layout, bucket_windows
 from .manifest import Entry, owner_table
 from .source import FileTensor
 
@@ -288,23 +287,9 @@ class RankPackers:
         self.counts: dict = {}  # (geometry, rank) -> elements of that rank's box
         self.per_rank: dict[int, tuple[list, list]] = {}  # rank -> (sources, facts) with its odd pieces
         # windows: each bucket's window, and each window's entries (those meeting its buckets)
-        sent = sorted((layout.wire[i], i) for i in range(len(sources))
-                      if layout.wire[i] >= 0 and sources[i] is not None)
-        starts = [w for w, _ in sent]
-        ends = [w + geos[i].slot_numel * wire[i].itemsize for w, i in sent]
-        self.window_of: list[int] = []
-        self.windows: list[list[int]] = []
-        lo = 0  # first sent entry not yet in a closed window
-        first_a = None
-        for k, (a, b) in enumerate(layout.buckets):
-            if first_a is None:
-                first_a = a
-            self.window_of.append(len(self.windows))
-            hi = bisect.bisect_left(starts, b)
-            if hi - lo >= self.WINDOW or k == len(layout.buckets) - 1:
-                j0 = bisect.bisect_right(ends, first_a)  # the first entry still going at the window's start
-                self.windows.append([i for _, i in sent[j0:hi]])
-                lo, first_a = hi, None
+        sent = [i for i in range(len(sources)) if layout.wire[i] >= 0 and sources[i] is not None and geos[i].slot_numel]
+        nbytes = [g.slot_numel * (d.itemsize if d is not None else 0) for g, d in zip(geos, wire)]
+        self.window_of, self.windows = bucket_windows(layout.buckets, layout.wire, sent, nbytes, self.WINDOW)
         self.current, self.packers = -1, []
 
     def for_bucket(self, k: int) -> list:
