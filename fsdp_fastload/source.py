@@ -176,7 +176,7 @@ def file_backed(facts: list, shapes: list, *, min_bytes: int = 0) -> list[FileTe
         return out
     written = _written_pages([(a, n) for _, a, n in spans])
     if written is None:  # no usable pagemap: smaps' count of each mapping's own pages instead
-        regions = _file_mappings("smaps")
+        regions = _smaps_mappings()
     files: dict = {}
     for k, (i, addr, nbytes) in enumerate(spans):
         r = _region_of(regions, addr, nbytes)
@@ -262,7 +262,7 @@ _procmap_query_ok = True  # until the kernel says it has no such ioctl (before L
 
 
 def _mappings_of(addrs: list[int]) -> list[tuple]:
-    """The file mappings (as `_file_mappings` gives them, Anonymous None) that hold the addresses
+    """The file mappings (as `_smaps_mappings` gives them, Anonymous None) that hold the addresses
     `addrs` (sorted), by start. One PROCMAP_QUERY ioctl per mapping (Linux >= 6.11) where the kernel
     has it; else /proc/self/maps, whose text costs with the process's mappings (a CUDA process holds
     thousands: 20k mappings take ~22 ms to read on this 2-core VM, ~1 ms for a CPU torch process)."""
@@ -297,8 +297,7 @@ def _mappings_of(addrs: list[int]) -> list[tuple]:
                     raise
                 start, end, _, _, offset, inode, major, minor, name_len = struct.unpack_from("<QQQQQQIII", query, 24)
                 path = bytes(name[:max(name_len - 1, 0)])  # (its length counts the final NUL)
-                if inode and path.startswith(b"/") and not path.startswith(b"/dev/") \
-                        and not path.endswith(b" (deleted)"):
+                if _a_file_to_read(inode, path):
                     regions.append((start, end, offset, (major, minor), inode, os.fsdecode(path), None))
                 else:  # an anonymous or special mapping: remembered only to skip its other addresses
                     regions.append((start, end, None))
@@ -343,7 +342,7 @@ def _maps_lookup(addrs: list[int]) -> list[tuple]:
 
 
 def _file_line(line: bytes) -> tuple | None:
-    """A /proc/self/maps line as `_file_mappings` gives it; (start, end, None) for a mapping that is
+    """A /proc/self/maps line as `_smaps_mappings` gives it; (start, end, None) for a mapping that is
     no file to read (anonymous, special, under /dev/, deleted); None if it cannot be parsed."""
     global _MAPS_LINE
     if _MAPS_LINE is None:
@@ -354,13 +353,19 @@ def _file_line(line: bytes) -> tuple | None:
     if m is None:
         return None
     start, end, offset, major, minor, inode, path = m.groups()
-    if int(inode) and path.startswith(b"/") and not path.startswith(b"/dev/") and not path.endswith(b" (deleted)"):
+    if _a_file_to_read(int(inode), path):
         return (int(start, 16), int(end, 16), int(offset, 16), (int(major, 16), int(minor, 16)), int(inode),
                 os.fsdecode(path), None)
     return (int(start, 16), int(end, 16), None)
 
 
 _MAPS_LINE = None  # compiled on first use
+
+
+def _a_file_to_read(inode: int, path: bytes) -> bool:
+    """Whether a mapping's (inode, path) is a file to read its bytes from: not anonymous or special
+    (`[heap]`), not under /dev/ (devices, shared memory: no faster to read than to copy), not deleted."""
+    return bool(inode) and path.startswith(b"/") and not path.startswith(b"/dev/") and not path.endswith(b" (deleted)")
 
 
 def _buffer_address(buf: bytearray) -> int:
@@ -370,33 +375,20 @@ def _buffer_address(buf: bytearray) -> int:
 
 
 _SMAPS = None  # compiled on first use: a mapping's header line, or its Anonymous line
-_MAPS = None  # compiled on first use: the line of a mapping of a file (not under /dev/)
 
 
-def _file_mappings(kind: str) -> list[tuple]:
+def _smaps_mappings() -> list[tuple]:
     """(start, end, file offset, (major, minor), inode, path, Anonymous kB) of each mapping of a file
-    in this process, by start address, from /proc/self/`kind` ("maps": Anonymous is None, files
-    under /dev/ left out; "smaps": a mapping without that field is left out); [] where it cannot be
-    read."""
+    in this process, by start address, from /proc/self/smaps (a mapping without that field is left
+    out); [] where it cannot be read."""
     global _SMAPS
     import re
 
     try:
-        with open(f"/proc/self/{kind}", "rb") as f:
+        with open("/proc/self/smaps", "rb") as f:
             text = f.read()
     except OSError:
         return []
-    if kind == "maps":  # only the lines of files, found by the regex engine (the others are most)
-        global _MAPS
-        if _MAPS is None:
-            _MAPS = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)[ \t]+"
-                               rb"(/(?!dev/)[^\n]*)$", re.M)
-        regions = [(int(start, 16), int(end, 16), int(offset, 16), (int(major, 16), int(minor, 16)),
-                    int(inode), os.fsdecode(path), None)
-                   for start, end, offset, major, minor, inode, path in _MAPS.findall(text)
-                   if not path.endswith(b" (deleted)")]
-        regions.sort(key=lambda r: r[0])
-        return regions
     if _SMAPS is None:
         _SMAPS = re.compile(rb"^(?:([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)[ \t]*(.*)"
                             rb"|Anonymous:[ \t]*(\d+) kB)$", re.M)
@@ -409,7 +401,7 @@ def _file_mappings(kind: str) -> list[tuple]:
                 current = None
             continue
         current = None
-        if path.startswith(b"/") and not path.endswith(b" (deleted)"):
+        if _a_file_to_read(int(inode), path):
             current = (int(start, 16), int(end, 16), int(offset, 16), (int(major, 16), int(minor, 16)),
                        int(inode), os.fsdecode(path))
     regions.sort(key=lambda r: r[0])
