@@ -53,9 +53,10 @@ fi
 if want suite; then
 stage suite "$(limit 240)"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${SUITE_WORKERS:-12}")
-timeout "$(limit 240)" $PY -m pytest -p no:cacheprovider -q $XDIST -rf --tb=short --durations=5 tests \
+# (-v: each test's outcome is in the log as it ends, also when the stage runs out of time)
+timeout "$(limit 240)" $PY -m pytest -p no:cacheprovider -v $XDIST -rf --tb=short --durations=5 tests \
     --ignore=tests/test_cuda.py --ignore=tests/test_ops.py --ignore=tests/test_layout.py > "$OUT/suite.log" 2>&1
-echo "suite rc=$?"; grep -E "passed|failed|error|FAILED|ERROR|crashed" "$OUT/suite.log" | cut -c1-300 | tail -30
+echo "suite rc=$?"; grep -cE " PASSED " "$OUT/suite.log"; grep -E " passed|FAILED|ERROR|crashed" "$OUT/suite.log" | cut -c1-300 | tail -30
 fi
 
 if want raise; then

@@ -1023,7 +1023,7 @@ def test_written_pages_are_found_page_by_page(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------- windowed packer
 
 def _windowed_worker(rank, world, paths, window):
-    from fsdp_fastload import fill, materialize
+    from fsdp_fastload import api, fill, materialize
 
     fill.WindowedPacker.WINDOW = window  # src's packer made for this many tensors' buckets at a time
     out = {}
@@ -1041,6 +1041,8 @@ def _windowed_worker(rank, world, paths, window):
                     sd = path if flow == "dir" else dict(models.load_reference(path).state_dict())
             materialize(model, "cpu", state_dict=sd, poison=True, verify=True, bucket_size=4096, direct_min=2048)
             out[f"{name} {flow}"] = compare(model, ref, _hf_forward)
+            if api.last_stats["read_from_mapped_files"]:  # read_mapped's default: onto a device only
+                out[f"{name} {flow}"].append("src read its mapped tensors from their files onto the CPU")
     return out
 
 
