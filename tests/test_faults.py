@@ -483,14 +483,14 @@ def _src_prepare_failure_worker(rank, world, flow, path):
         return materialize(model, "cpu", state_dict=path if rank == 0 and flow != "model" else None,
                            bucket_size=BUCKET)
 
-    real = (api.Packer, shard.rank_packers)
+    real = (api.make_packer, shard.rank_packers)
     if rank == 0:
         def broken(*args, **kwargs):
             raise RuntimeError("injected: cannot prepare")
         if flow == "fsdp2":
             shard.rank_packers = broken
         else:
-            api.Packer = broken
+            api.make_packer = broken
     model = build(real=rank == 0 and flow == "model")
     before = _snapshot(model)
     try:
@@ -498,7 +498,7 @@ def _src_prepare_failure_worker(rank, world, flow, path):
         out = ["no error"]
     except MaterializeError as e:
         out = [str(e), _changes(model, before)]
-    api.Packer, shard.rank_packers = real
+    api.make_packer, shard.rank_packers = real
     model = load(build(real=rank == 0 and flow == "model"))  # the collectives stayed in step
     want = _tensors(_build(real=True))
     out.append([n for n, t in _tensors(model).items()
