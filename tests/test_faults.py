@@ -468,7 +468,7 @@ def _src_prepare_failure_worker(rank, world, flow, path):
     from torch.distributed.fsdp import fully_shard
 
     import fsdp_fastload.api as api
-    from fsdp_fastload import MaterializeError, materialize, shard
+    from fsdp_fastload import MaterializeError, fill, materialize, shard
 
     def build(real):
         model = _build(real=real)
@@ -480,30 +480,51 @@ def _src_prepare_failure_worker(rank, world, flow, path):
         return model
 
     def load(model):
-        return materialize(model, "cpu", state_dict=path if rank == 0 and flow != "model" else None,
+        return materialize(model, "cpu", state_dict=path if rank == 0 and not from_model else None,
                            bucket_size=BUCKET)
 
-    real = (api.make_packer, shard.rank_packers)
+    from_model = flow in ("model", "window-model")  # src's own tensors, sent in place where they can be
+    real = (api.make_packer, shard.rank_packers, fill.Packer, fill.WindowedPacker.WINDOW)
     if rank == 0:
         def broken(*args, **kwargs):
             raise RuntimeError("injected: cannot prepare")
+
+        def later_window_broken(*args, only=None, **kwargs):  # made lazily, mid-transfer
+            if only is not None and only != windows_made.setdefault("first", only):
+                raise RuntimeError("injected: cannot prepare a later window")
+            return real[2](*args, only=only, **kwargs)
+
+        windows_made: dict = {}
         if flow == "fsdp2":
             shard.rank_packers = broken
+        elif flow.startswith("window"):
+            fill.Packer, fill.WindowedPacker.WINDOW = later_window_broken, 1
         else:
             api.make_packer = broken
-    model = build(real=rank == 0 and flow == "model")
+    model = build(real=rank == 0 and from_model)
     before = _snapshot(model)
     try:
         load(model)
         out = ["no error"]
     except MaterializeError as e:
         out = [str(e), _changes(model, before)]
-    api.make_packer, shard.rank_packers = real
-    model = load(build(real=rank == 0 and flow == "model"))  # the collectives stayed in step
+    api.make_packer, shard.rank_packers, fill.Packer, fill.WindowedPacker.WINDOW = real
+    model = load(build(real=rank == 0 and from_model))  # the collectives stayed in step
     want = _tensors(_build(real=True))
     out.append([n for n, t in _tensors(model).items()
                 if not torch.equal(t.full_tensor() if hasattr(t, "full_tensor") else t, want[n])])
     return out
+
+
+@pytest.mark.parametrize("flow", ["window", "window-model"])
+def test_src_that_cannot_prepare_a_later_window_raises_on_every_rank(ckpt, flow):
+    """src's packer is made a window at a time during the transfer: one that cannot be made fails
+    that bucket on src, which sends on, and every rank raises together after the fill (from a
+    checkpoint, and from src's own tensors, where buckets are also sent straight from them)."""
+    results = run_ranks(_src_prepare_failure_worker, 2, flow, ckpt, timeout=120)
+    _assert_raised_together(results, 0, r"src could not read/pack bucket 2 of \d+ \(bytes \[\d+, \d+\) of \d+\): "
+                            r"RuntimeError: injected: cannot prepare a later window\. .*Nothing was installed "
+                            r"on any rank\.")
 
 
 @pytest.mark.parametrize("world,flow", [(2, "file"), (3, "model"), (2, "fsdp2")])
