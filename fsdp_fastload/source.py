@@ -348,7 +348,7 @@ def _file_line(line: bytes) -> tuple | None:
     if _MAPS_LINE is None:
         import re
 
-        _MAPS_LINE = re.compile(rb"([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)[ \t]*(.*)")
+        _MAPS_LINE = re.compile(_MAPPING_LINE)
     m = _MAPS_LINE.fullmatch(line)
     if m is None:
         return None
@@ -360,6 +360,9 @@ def _file_line(line: bytes) -> tuple | None:
 
 
 _MAPS_LINE = None  # compiled on first use
+# a mapping's line in /proc/self/maps (and its header line in smaps): start-end perms offset
+# major:minor inode path
+_MAPPING_LINE = rb"([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)[ \t]*(.*)"
 
 
 def _a_file_to_read(inode: int, path: bytes) -> bool:
@@ -390,8 +393,7 @@ def _smaps_mappings() -> list[tuple]:
     except OSError:
         return []
     if _SMAPS is None:
-        _SMAPS = re.compile(rb"^(?:([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)[ \t]*(.*)"
-                            rb"|Anonymous:[ \t]*(\d+) kB)$", re.M)
+        _SMAPS = re.compile(rb"^(?:" + _MAPPING_LINE + rb"|Anonymous:[ \t]*(\d+) kB)$", re.M)
     regions, current = [], None
     for m in _SMAPS.finditer(text):
         start, end, offset, major, minor, inode, path, anonymous = m.groups()
