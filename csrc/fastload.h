@@ -41,8 +41,13 @@ void poison_(at::Tensor& flat, int64_t value);
 // truncated after its header was read), so it is kept off C++ exceptions (on one GPU image every
 // error the extension raised crashed the process: a static libstdc++ of its own; setup.py now links
 // torch's shared one, README, Limitations).
+// `expect`: empty, or the file's [st_dev, st_ino, st_size, st_mtime_ns] when its layout was read (its
+// header parsed, its mapping checked); a file that is not that one any more (replaced, saved again in
+// place) returns an error instead of bytes that belong to another version. A file whose modification
+// time or size moves while it is read returns an error too.
 std::string read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_offsets,
-                 at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads);
+                 at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads,
+                 at::IntArrayRef expect);
 
 // Fault the pages of the CPU buffer `flat` in (writable) without writing them, so a receive into
 // it runs at the speed of already-touched memory. Safe while another thread writes into it. False

@@ -181,9 +181,24 @@ void poison_(at::Tensor& flat, int64_t value) {
   });
 }
 
+// A file's identity and version as the Python side records it (os.stat: st_dev, st_ino, st_size,
+// st_mtime_ns; device and inode as signed 64-bit, see source.stamp_of).
+static std::array<int64_t, 4> stamp_of(const struct stat& st) {
+  return {static_cast<int64_t>(st.st_dev), static_cast<int64_t>(st.st_ino), static_cast<int64_t>(st.st_size),
+          static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + static_cast<int64_t>(st.st_mtim.tv_nsec)};
+}
+
+static std::string changed(const std::string& path, const char* when) {
+  return c10::str("fsdp_fastload read_ranges: ", path, " changed ", when,
+                  " (its inode, size or modification time differ): was the checkpoint saved again or replaced "
+                  "during the load? Its bytes no longer match the header they were located by. Load from "
+                  "files that nothing writes to while materialize runs.");
+}
+
 // Returns "" or what went wrong: it never throws (see fastload.h).
 std::string read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_offsets,
-                        at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads) {
+                        at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads,
+                        at::IntArrayRef expect) {
   if (!(dst.is_cpu() && dst.is_contiguous()))
     return "fsdp_fastload read_ranges: destination must be a contiguous CPU tensor";
   const int64_t n = static_cast<int64_t>(lengths.size());
@@ -196,6 +211,11 @@ std::string read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRe
   struct stat st {};
   if (!(::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)))
     return c10::str("fsdp_fastload read_ranges: ", path, " is not a regular file. Pass the path of a safetensors file.");
+  if (!(expect.empty() || expect.size() == 4))
+    return "fsdp_fastload read_ranges: expect must be empty or [device, inode, size, mtime_ns]";
+  const auto opened = stamp_of(st);
+  if (!expect.empty() && !std::equal(opened.begin(), opened.end(), expect.begin()))
+    return changed(path, "since its layout was read");
   const int64_t file_size = static_cast<int64_t>(st.st_size);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t fo = file_offsets[i], d = dst_offsets[i], len = lengths[i];
@@ -254,6 +274,10 @@ std::string read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRe
   }
   if (err != 0) return c10::str("fsdp_fastload read_ranges: reading ", path, " failed: ", std::strerror(err.load()));
   if (short_read) return c10::str("fsdp_fastload read_ranges: ", path, " ended early (was it truncated while reading?)");
+  // Written while being read (saved again in place: same inode, new bytes): what was read may mix
+  // two versions. Its modification time (or size) moved since the open.
+  struct stat after {};
+  if (::fstat(fd, &after) != 0 || stamp_of(after) != opened) return changed(path, "while it was read");
   return "";
 }
 
@@ -357,7 +381,7 @@ TORCH_LIBRARY(fsdp_fastload, m) {
   m.def("copy_ranges(Tensor(a!) dst, Tensor[] srcs, int[] src_offsets, int[] dst_offsets, int[] lengths) -> ()");
   // Returns "" or the error: a failure at run time (a file truncated or changed after its header was
   // read, an I/O error) comes back as text, raised in Python, never thrown through the dispatcher.
-  m.def("read_ranges(str path, Tensor(a!) dst, int[] file_offsets, int[] dst_offsets, int[] lengths, int num_threads=4) -> str");
+  m.def("read_ranges(str path, Tensor(a!) dst, int[] file_offsets, int[] dst_offsets, int[] lengths, int num_threads=4, int[] expect=[]) -> str");
 }
 
 TORCH_LIBRARY_IMPL(fsdp_fastload, CompositeExplicitAutograd, m) {

@@ -216,17 +216,50 @@ def _prefault_ref(flat: torch.Tensor) -> bool:
 
 
 def _read_ranges_ref(path: str, dst: torch.Tensor, file_offsets: Sequence[int],
-                     dst_offsets: Sequence[int], lengths: Sequence[int], num_threads: int = 4) -> None:
+                     dst_offsets: Sequence[int], lengths: Sequence[int], num_threads: int = 4,
+                     expect: Sequence[int] = ()) -> None:
     if dst.device.type != "cpu" or not dst.is_contiguous():
         raise RuntimeError("fsdp_fastload read_ranges: destination must be a contiguous CPU tensor")
     if not len(file_offsets) == len(dst_offsets) == len(lengths):
         raise RuntimeError(
             "fsdp_fastload read_ranges: file_offsets, dst_offsets and lengths differ in length")
-    dst_bytes = dst.numel() * dst.element_size()
     if not os.path.isfile(path):
         raise RuntimeError(f"fsdp_fastload read_ranges: {path} is not a regular file. "
                            "Pass the path of a safetensors file.")
-    size = os.path.getsize(path)
+    if len(expect) not in (0, 4):
+        raise RuntimeError("fsdp_fastload read_ranges: expect must be empty or [device, inode, size, mtime_ns]")
+    with open(path, "rb", buffering=0) as f:
+        opened = stamp_of(os.fstat(f.fileno()))
+        if expect and opened != tuple(expect):
+            raise RuntimeError(_changed(path, "since its layout was read"))
+        _read_into(f, path, opened[2], dst, file_offsets, dst_offsets, lengths)
+        if stamp_of(os.fstat(f.fileno())) != opened:
+            raise RuntimeError(_changed(path, "while it was read"))
+
+
+def stamp_of(st: os.stat_result) -> tuple[int, int, int, int]:
+    """A file's identity and version: (device, inode, size, mtime_ns), device and inode as signed
+    64-bit integers (as the compiled op sees them). `read_ranges(expect=...)` compares it.
+
+    Example::
+
+        >>> len(stamp_of(os.stat(__file__)))
+        4
+    """
+    def i64(v: int) -> int:
+        return v - (1 << 64) if v >= 1 << 63 else v
+    return i64(st.st_dev), i64(st.st_ino), st.st_size, st.st_mtime_ns
+
+
+def _changed(path: str, when: str) -> str:  # (the compiled op's text, word for word)
+    return (f"fsdp_fastload read_ranges: {path} changed {when} (its inode, size or modification time "
+            "differ): was the checkpoint saved again or replaced during the load? Its bytes no longer match "
+            "the header they were located by. Load from files that nothing writes to while materialize runs.")
+
+
+def _read_into(f, path: str, size: int, dst: torch.Tensor, file_offsets: Sequence[int],
+               dst_offsets: Sequence[int], lengths: Sequence[int]) -> None:
+    dst_bytes = dst.numel() * dst.element_size()
     for i, (fo, d, n) in enumerate(zip(file_offsets, dst_offsets, lengths)):
         if fo < 0 or d < 0 or n < 0:
             raise RuntimeError(f"fsdp_fastload read_ranges: range {i} has a negative offset or length")
@@ -241,17 +274,16 @@ def _read_ranges_ref(path: str, dst: torch.Tensor, file_offsets: Sequence[int],
     raw = dst.new_empty(0, dtype=torch.uint8)
     if dst.numel():  # as_strided: a contiguous tensor of one element may still carry any stride
         raw = dst.as_strided((dst.numel(),), (1,)).view(torch.uint8)
-    with open(path, "rb", buffering=0) as f:
-        for fo, d, n in zip(file_offsets, dst_offsets, lengths):
-            f.seek(fo)
-            view = memoryview(raw[d:d + n].numpy())
-            got = 0
-            while got < n:
-                r = f.readinto(view[got:])
-                if not r:
-                    raise RuntimeError(
-                        f"fsdp_fastload read_ranges: {path} ended early (was it truncated while reading?)")
-                got += r
+    for fo, d, n in zip(file_offsets, dst_offsets, lengths):
+        f.seek(fo)
+        view = memoryview(raw[d:d + n].numpy())
+        got = 0
+        while got < n:
+            r = f.readinto(view[got:])
+            if not r:
+                raise RuntimeError(
+                    f"fsdp_fastload read_ranges: {path} ended early (was it truncated while reading?)")
+            got += r
 
 
 # ------------------------------------------------------------------------------------ fake kernels
@@ -285,7 +317,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake(lib + "read_ranges")
-    def _(path, dst, file_offsets, dst_offsets, lengths, num_threads=4):
+    def _(path, dst, file_offsets, dst_offsets, lengths, num_threads=4, expect=()):
         return ""
 
 
@@ -394,11 +426,14 @@ def copy_ranges(dst: torch.Tensor, srcs: Sequence[torch.Tensor], src_offsets: Se
 
 
 def read_ranges(path: str, dst: torch.Tensor, file_offsets: Sequence[int], dst_offsets: Sequence[int],
-                lengths: Sequence[int], *, num_threads: int = 4) -> None:
+                lengths: Sequence[int], *, num_threads: int = 4, expect: Sequence[int] | None = None) -> None:
     """Read byte ranges of the file `path` into `dst`'s bytes (threads, no GIL, validated first).
+    `expect`: the file's `stamp_of` when its layout was read; a file replaced or written since, or
+    written while it is read, raises instead of giving bytes of another version.
     Raises RuntimeError naming the range or the file; the compiled op returns that text instead of
     throwing it (see csrc/fastload.h), and it is raised here."""
-    args = (os.fspath(path), dst, list(file_offsets), list(dst_offsets), list(lengths), int(num_threads))
+    args = (os.fspath(path), dst, list(file_offsets), list(dst_offsets), list(lengths), int(num_threads),
+            list(expect or ()))
     if _load_extension():
         problem = torch.ops.fsdp_fastload.read_ranges(*args)
         if problem:

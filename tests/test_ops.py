@@ -1,5 +1,6 @@
 """The C++ ops against their pure-PyTorch fallbacks (the spec): same views, same bytes, same errors."""
 import os
+import re
 import subprocess
 import sys
 import time
@@ -204,6 +205,47 @@ def test_read_ranges(impl, tmp_path):
             fn(path, dst, *args, num_threads=2)
     with pytest.raises((RuntimeError, OSError)):
         fn(str(tmp_path / "missing.bin"), dst, [0], [0], [1], num_threads=1)
+
+
+@pytest.mark.parametrize("impl", ["compiled", "fallback"])
+def test_read_ranges_checks_the_file_is_the_one_expected(impl, tmp_path, monkeypatch):
+    """`expect` (the file's stamp when its layout was read): the same file reads; another inode, size
+    or modification time is an error naming the file, with nothing written; so is a file replaced
+    under the same name, and (fallback, where the read can be paused) one written while it is read."""
+    if impl == "compiled" and not ops.extension_available():
+        pytest.skip("fsdp_fastload._C not built")
+    fn = ops.read_ranges if impl == "compiled" else (
+        lambda *a, num_threads=4, expect=None: ops._read_ranges_ref(*a, num_threads, list(expect or ())))
+    path, data = _file(tmp_path)
+    stamp = ops.stamp_of(os.stat(path))
+    dst = torch.full((16,), 7, dtype=torch.uint8)
+    fn(path, dst, [3], [0], [16], expect=stamp)
+    assert torch.equal(dst, data[3:19])
+    changed = rf"^fsdp_fastload read_ranges: {re.escape(path)} changed since its layout was read \("
+    for k in range(4):
+        other = list(stamp)
+        other[k] += 1
+        dst.fill_(7)
+        with pytest.raises(RuntimeError, match=changed):
+            fn(path, dst, [3], [0], [16], expect=other)
+        assert (dst == 7).all()
+    with pytest.raises(RuntimeError, match="expect must be empty or"):
+        fn(path, dst, [3], [0], [16], expect=stamp[:3])
+    (tmp_path / "new.bin").write_bytes(bytes(reversed(data.numpy().tobytes())))
+    os.replace(tmp_path / "new.bin", path)  # same name, same size, a new inode
+    with pytest.raises(RuntimeError, match=changed):
+        fn(path, dst, [3], [0], [16], expect=stamp)
+    assert (dst == 7).all()
+    if impl == "fallback":
+        real = ops._read_into
+
+        def written_meanwhile(f, *args):
+            real(f, *args)
+            os.utime(path, ns=(0, 10**9))
+        monkeypatch.setattr(ops, "_read_into", written_meanwhile)
+        with pytest.raises(RuntimeError, match=rf"^fsdp_fastload read_ranges: {re.escape(path)} changed while "
+                           "it was read"):
+            fn(path, dst, [3], [0], [16], expect=ops.stamp_of(os.stat(path)))
 
 
 @needs_ext
