@@ -36,7 +36,7 @@ def read_file_tensor(ft: FileTensor, *, num_threads: int = 4) -> torch.Tensor:
     """The whole tensor `ft` read into fresh CPU memory (used when src must convert its dtype)."""
     raw = torch.empty(ft.nbytes, dtype=torch.uint8)
     if ft.nbytes:
-        ops.read_ranges(ft.path, raw, [ft.offset], [0], [ft.nbytes], num_threads=num_threads)
+        ops.read_ranges(ft.path, raw, [ft.offset], [0], [ft.nbytes], num_threads=num_threads, expect=ft.stamp)
     return raw.view(ft.dtype).reshape(ft.shape)
 
 
@@ -95,7 +95,8 @@ class Packer:
                 numel = src.nbytes // src.dtype.itemsize if skip is None else counts[i]
                 if src.dtype == wire:
                     off = src.offset + (skip or 0)
-                    kind, obj, key = _FILE, src.path, (_FILE, src.path, off - w)
+                    kind, obj = _FILE, (src.path, src.stamp)  # (the file as its header described it)
+                    key = (_FILE, obj, off - w)
                 else:
                     kind, obj, off, key = _CONV, src, wire, None
             else:  # a lazily materialized source (shard.py): shape and dtype, converted when packed
@@ -209,8 +210,9 @@ class Packer:
         piece = self._one_piece(j0, j1, a, b)
         if piece is not None and self.kinds[j0] == _FILE:
             lo, hi = piece
-            ops.read_ranges(self.objs[j0], dst, [self.offs[j0] + lo - self.starts[j0]], [lo - a], [hi - lo],
-                            num_threads=self.read_threads)
+            path, stamp = self.objs[j0]
+            ops.read_ranges(path, dst, [self.offs[j0] + lo - self.starts[j0]], [lo - a], [hi - lo],
+                            num_threads=self.read_threads, expect=stamp)
             self.wrote_host = True
             return None
         if self.non_mem[j1] == self.non_mem[j0] and not split_device:  # plain memory: arguments by slicing
@@ -231,7 +233,7 @@ class Packer:
     def _pack_mixed(self, j0, j1, a, b, dst, split_device) -> tuple | None:
         mem: tuple[list, list, list, list] = ([], [], [], [])
         dev: tuple[list, list, list, list] = ([], [], [], [])
-        reads: dict[str, list[list[int]]] = {}
+        reads: dict[tuple, list[list[int]]] = {}  # (path, stamp) -> its ranges
         for j in range(j0, j1):
             start, end = self.starts[j], self.ends[j]
             s, e = max(start, a), min(end, b)
@@ -250,9 +252,9 @@ class Packer:
         self.wrote_host = bool(mem[0] or reads)
         if mem[0]:
             ops.copy_ranges(dst, *mem)
-        for path, rs in reads.items():
+        for (path, stamp), rs in reads.items():
             fo, do, ln = zip(*rs)
-            ops.read_ranges(path, dst, fo, do, ln, num_threads=self.read_threads)
+            ops.read_ranges(path, dst, fo, do, ln, num_threads=self.read_threads, expect=stamp)
         return dev if dev[0] else None
 
 

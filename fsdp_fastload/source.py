@@ -18,6 +18,8 @@ from typing import Mapping
 
 import torch
 
+from .ops import stamp_of
+
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -43,17 +45,22 @@ class FileTensor:
     dataclass's constructor costs ~1 us more, 1.5 ms of src's time before the first byte at 1,400.)
     """
 
-    __slots__ = ("path", "offset", "nbytes", "dtype", "shape")
+    __slots__ = ("path", "offset", "nbytes", "dtype", "shape", "stamp")
 
-    def __init__(self, path: str, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]):
+    def __init__(self, path: str, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...],
+                 stamp: tuple | None = None):
         self.path, self.offset, self.nbytes, self.dtype, self.shape = path, offset, nbytes, dtype, shape
+        # the file as it was when this range was located in it (`ops.stamp_of`: device, inode, size,
+        # mtime): every read checks it, so a file saved again or replaced meanwhile is an error, never
+        # bytes of another version read at the old offsets. None: not checked.
+        self.stamp = stamp
 
     def __repr__(self) -> str:
         return (f"FileTensor(path={self.path!r}, offset={self.offset}, nbytes={self.nbytes}, "
                 f"dtype={self.dtype}, shape={self.shape})")
 
     def _key(self) -> tuple:
-        return (self.path, self.offset, self.nbytes, self.dtype, self.shape)
+        return (self.path, self.offset, self.nbytes, self.dtype, self.shape, self.stamp)
 
     def __eq__(self, other) -> bool:
         return type(other) is FileTensor and self._key() == other._key()
@@ -65,8 +72,9 @@ class FileTensor:
 def parse_header(path: str) -> dict[str, FileTensor]:
     """Validate a safetensors file's header and return name -> FileTensor (reads only the header)."""
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as f:
+            stamp = stamp_of(os.fstat(f.fileno()))  # the file this header belongs to
+            size = stamp[2]
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than the "
@@ -125,7 +133,7 @@ def parse_header(path: str) -> dict[str, FileTensor]:
             raise CheckpointError(f"{where(path, name)}: shape {shape} x {itemsize} bytes = "
                                   f"{numel * itemsize} bytes, but its span is {end - begin} bytes")
         spans.append((begin, end, name))
-        out[name] = FileTensor(path, data_start + begin, end - begin, dtype, tuple(shape))
+        out[name] = FileTensor(path, data_start + begin, end - begin, dtype, tuple(shape), stamp)
     spans.sort()
     reach, owner = 0, None  # the furthest end of any non-empty span so far, and whose
     for b, e, name in spans:
@@ -138,7 +146,7 @@ def parse_header(path: str) -> dict[str, FileTensor]:
     return out
 
 
-def file_backed(facts: list, shapes: list, *, min_bytes: int = 0) -> list[FileTensor | None]:
+def file_backed(facts: list, shapes: list) -> list[FileTensor | None]:
     """The file range each CPU tensor's bytes are mapped from, where reading the file gives exactly
     those bytes; None for the others. `facts` as `layout.memory_facts` gives them.
 
@@ -149,12 +157,12 @@ def file_backed(facts: list, shapes: list, *, min_bytes: int = 0) -> list[FileTe
     of the mapping was the faster: see materialize's `read_mapped`). A range is used only when no page
     of it was written since it was mapped (a merged adapter, say: such a page is the process's own
     copy, no longer the file's) and the file is still the one mapped (same device and inode, still
-    that long). Written pages are found in /proc/self/pagemap (present and not a file page, or
+    that long, readable); each range carries the file's stamp then, and the read checks it (a file
+    replaced or written in between is an error, not other bytes). Written pages are found in /proc/self/pagemap (present and not a file page, or
     swapped), read for the tensors' pages alone (~2 ms a GB untouched); where pagemap does not answer
     as Linux documents it (checked on a page this process wrote), in /proc/self/smaps (a mapping with
     `Anonymous` pages is left out whole; it walks every mapping of the process: 30-70 ms). Linux only;
-    anywhere else, or if /proc cannot be read, everything is None. Nothing is read past the cheap
-    /proc/self/maps unless the tensors mapped from files hold at least `min_bytes`.
+    anywhere else, or if /proc cannot be read, everything is None.
 
     Example::
 
@@ -172,7 +180,7 @@ def file_backed(facts: list, shapes: list, *, min_bytes: int = 0) -> list[FileTe
         addr, nbytes = facts[i][0], facts[i][3] * facts[i][2].itemsize
         if _region_of(regions, addr, nbytes) is not None:
             spans.append((i, addr, nbytes))
-    if not spans or sum(n for _, _, n in spans) < max(min_bytes, 1):
+    if not spans:
         return out
     written = _written_pages([(a, n) for _, a, n in spans])
     if written is None:  # no usable pagemap: smaps' count of each mapping's own pages instead
@@ -185,12 +193,12 @@ def file_backed(facts: list, shapes: list, *, min_bytes: int = 0) -> list[FileTe
         start, end, offset, dev, inode, path, anonymous = r
         if written[k] if written is not None else anonymous != 0:
             continue
-        size = files.get((path, dev, inode))
-        if size is None:
-            size = files[(path, dev, inode)] = _same_file_size(path, dev, inode)
+        stamp = files.get((path, dev, inode), 0)
+        if stamp == 0:
+            stamp = files[(path, dev, inode)] = _same_file(path, dev, inode)
         at = offset + addr - start
-        if size >= at + nbytes:
-            out[i] = FileTensor(path, at, nbytes, facts[i][2], tuple(shapes[i]))
+        if stamp is not None and stamp[2] >= at + nbytes:
+            out[i] = FileTensor(path, at, nbytes, facts[i][2], tuple(shapes[i]), stamp)
     return out
 
 
@@ -410,16 +418,16 @@ def _smaps_mappings() -> list[tuple]:
     return regions
 
 
-def _same_file_size(path: str, dev: tuple, inode: int) -> int:
-    """The size of `path` if it is still the regular file mapped (device and inode) and this process
-    may read it (a mapping outlives its file's permissions), else -1."""
+def _same_file(path: str, dev: tuple, inode: int) -> tuple | None:
+    """`path`'s stamp (`ops.stamp_of`) if it is still the regular file mapped (device and inode) and
+    this process may read it (a mapping outlives its file's permissions), else None."""
     try:
         st = os.stat(path)
     except OSError:
-        return -1
+        return None
     if not _stat.S_ISREG(st.st_mode) or st.st_ino != inode or (os.major(st.st_dev), os.minor(st.st_dev)) != dev:
-        return -1
-    return st.st_size if os.access(path, os.R_OK) else -1
+        return None
+    return stamp_of(st) if os.access(path, os.R_OK) else None
 
 
 def checkpoint_files(path: str) -> list[str]:

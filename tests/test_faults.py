@@ -246,17 +246,46 @@ def _truncating_parse_header(real):
     def parse(path):
         out = real(path)
         if os.path.basename(path).startswith("trunc"):
-            os.truncate(path, os.path.getsize(path) // 2)
+            _change(path, None)
         return out
     return parse
 
 
-def _truncated_worker(rank, world, files):
-    import fsdp_fastload.source as source
+def _change(path: str, other: str | None) -> None:
+    """'trunc*': cut to half its size; with `other` (a checkpoint of the same model with other values:
+    the same header, so the same size and offsets), 'replaced*': replaced by a copy of it (a new inode
+    under the same name, as a save that writes a temporary file and renames it), 'rewritten*':
+    overwritten with its bytes in place (same inode and size; only the modification time tells)."""
+    name = os.path.basename(path)
+    if name.startswith("trunc"):
+        os.truncate(path, os.path.getsize(path) // 2)
+    elif name.startswith("replaced"):
+        shutil.copy(other, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    elif name.startswith("rewritten"):
+        with open(other, "rb") as f, open(path, "r+b") as g:
+            g.write(f.read())
+
+
+def _changing_reads(real, other: str, at: int):
+    """ops.read_ranges that changes a file (`_change`) just before its `at`-th read: mid-load, after
+    buckets read from the file as it was are on their way."""
+    calls: dict = {}
+
+    def read_ranges(path, *args, **kwargs):
+        calls[path] = calls.get(path, 0) + 1
+        if calls[path] == at:
+            _change(path, other)
+        return real(path, *args, **kwargs)
+    return read_ranges
+
+
+def _truncated_worker(rank, world, files, other):
+    import fsdp_fastload.ops as ops
     from fsdp_fastload import MaterializeError, materialize
 
     if rank == 0:
-        source.parse_header = _truncating_parse_header(source.parse_header)
+        ops.read_ranges = _changing_reads(ops.read_ranges, other, at=3)
     out = {}
     for name, (path, dtype) in files.items():
         model = _build(real=False, dtype=dtype)
@@ -277,27 +306,38 @@ def _truncated_worker(rank, world, files):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_checkpoint_truncated_after_header_check_raises_on_every_rank(ckpt, tmp_path, world):
+def test_checkpoint_changed_mid_load_raises_on_every_rank(ckpt, tmp_path, world):
+    """Truncated, replaced by another file of the same layout, or rewritten in place with other values
+    while src reads it (after its header was checked and the first buckets were read): every rank
+    raises, naming the file. (Before reads were checked against the file their header came from, the
+    last two loaded a mix of both files' values without a word.)"""
+    from safetensors.torch import save_file
+
+    other = str(tmp_path / "other.safetensors")  # same model, other values: the same header
+    save_file({k: v.contiguous() + 1 for k, v in _build(real=True).state_dict().items()}, other)
     files = {}
-    for name, dtype in [("trunc_fp32", torch.float32), ("trunc_bf16", torch.bfloat16)]:
-        files[name] = (str(tmp_path / f"{name}.safetensors"), dtype)
-        shutil.copy(ckpt, files[name][0])
+    for name in ["trunc", "replaced", "rewritten"]:
+        for dtype in [torch.float32, torch.bfloat16]:
+            key = f"{name}_{str(dtype)[6:]}"
+            files[key] = (str(tmp_path / f"{key}.safetensors"), dtype)
+            shutil.copy(ckpt, files[key][0])
     files["good"] = (ckpt, torch.float32)
-    results = run_ranks(_truncated_worker, world, files, timeout=180)
-    size = os.path.getsize(ckpt)
+    results = run_ranks(_truncated_worker, world, files, other, timeout=180)
     for rank, res in enumerate(results):
         assert res.pop("after") == [], f"rank {rank}: a good load after the failures differs"
         assert res.pop("good") == ("no error", [])
+        assert len(res) == 6, res
         for name, (msg, changes) in res.items():
             path = files[name][0]
             # fp32: the bucket's read_ranges fails; bf16: src's whole-tensor read for conversion fails.
             pattern = (rf"fsdp_fastload\.materialize failed on all ranks \(this is rank {rank}\): rank 0: src "
                        rf"could not read/pack bucket (\d+) of (\d+) \(bytes \[\d+, \d+\) of \d+; "
                        rf"tensors? '[\w.]+'(, '[\w.]+')*( and \d+ more)?\): RuntimeError: "
-                       rf"fsdp_fastload read_ranges: range \d+ reads bytes \[\d+, \d+\) past the end of "
-                       rf"{re.escape(path)} \({size // 2} bytes\)\. The file is truncated or its header lies\. "
-                       r"If a checkpoint file changed after materialize read its header \(truncated, rewritten, "
-                       r"a failing disk\), restore it and retry\. Nothing was installed on any rank\.$")
+                       rf"fsdp_fastload read_ranges: {re.escape(path)} changed since its layout was read \(its "
+                       r"inode, size or modification time differ\): was the checkpoint saved again or replaced "
+                       r"during the load\? .* If a checkpoint file changed after materialize read its header "
+                       r"\(truncated, rewritten, a failing disk\), restore it and retry\. Nothing was installed "
+                       r"on any rank\.$")
             m = re.match(pattern, msg)
             assert m, f"rank {rank} {name}: {msg!r} !~ {pattern!r}"
             assert 1 < int(m.group(1)) < int(m.group(2)), f"not a mid-load failure: {msg}"
@@ -314,8 +354,8 @@ def test_truncated_checkpoint_without_process_group(ckpt, tmp_path, monkeypatch)
     model = _build(real=False)
     before = _snapshot(model)
     with pytest.raises(MaterializeError, match=rf"^fsdp_fastload\.materialize: could not read/pack bucket \d+ "
-                       rf"of \d+ \(bytes \[\d+, \d+\); tensors? '[\w.]+'.*\): RuntimeError: fsdp_fastload read_ranges: .* past the end "
-                       rf"of {re.escape(path)} .*Check that the checkpoint is complete and unchanged; the "
+                       rf"of \d+ \(bytes \[\d+, \d+\); tensors? '[\w.]+'.*\): RuntimeError: fsdp_fastload read_ranges: "
+                       rf"{re.escape(path)} changed since its layout was read .*Check that the checkpoint is complete and unchanged; the "
                        r"module was left as it was\.$"):
         materialize(model, "cpu", state_dict=path, bucket_size=BUCKET)
     assert _changes(model, before) == []

@@ -925,6 +925,7 @@ def test_src_reads_its_mapped_tensors_from_the_files(ckpts, tmp_path, touch, fin
 
 def test_file_backed_finds_only_unwritten_mappings_of_the_same_file(tmp_path):
     from fsdp_fastload.layout import memory_facts
+    from fsdp_fastload.ops import stamp_of
     from fsdp_fastload.source import FileTensor, file_backed
 
     path = tmp_path / "raw.bin"
@@ -933,10 +934,10 @@ def test_file_backed_finds_only_unwritten_mappings_of_the_same_file(tmp_path):
     mapped = torch.from_file(str(path), shared=False, size=4096, dtype=torch.float32)
     views = [mapped[10:20], mapped[1000:3000].view(40, 50), torch.zeros(8), mapped[5:5]]
     got = file_backed(memory_facts(views), [v.shape for v in views])
-    assert got[0] == FileTensor(str(path), 40, 40, torch.float32, (10,))
-    assert got[1] == FileTensor(str(path), 4000, 8000, torch.float32, (40, 50))
+    stamp = stamp_of(os.stat(path))  # (reads check that the file is still this one)
+    assert got[0] == FileTensor(str(path), 40, 40, torch.float32, (10,), stamp)
+    assert got[1] == FileTensor(str(path), 4000, 8000, torch.float32, (40, 50), stamp)
     assert got[2] is None and got[3] is None  # malloc-ed; empty
-    assert file_backed(memory_facts(views), [v.shape for v in views], min_bytes=1 << 30) == [None] * 4
     other = tmp_path / "other.bin"
     other.write_bytes(path.read_bytes())
     os.replace(other, path)  # the same name, another file: its bytes may differ from the mapping's
@@ -946,7 +947,7 @@ def test_file_backed_finds_only_unwritten_mappings_of_the_same_file(tmp_path):
     again[4] = 7  # a page of its own: the file no longer holds what memory does
     far = again[2048:2058]  # 8 KiB on: another page, still the file's
     assert file_backed(memory_facts([again[:4], far]), [(4,), (10,)]) == [
-        None, FileTensor(str(path), 8192, 40, torch.float32, (10,))]
+        None, FileTensor(str(path), 8192, 40, torch.float32, (10,), stamp_of(os.stat(path)))]
 
 
 def test_mappings_found_by_query_equal_those_in_maps(tmp_path, monkeypatch):
@@ -957,6 +958,7 @@ def test_mappings_found_by_query_equal_those_in_maps(tmp_path, monkeypatch):
 
     from fsdp_fastload import source
     from fsdp_fastload.layout import memory_facts
+    from fsdp_fastload.ops import stamp_of
     from fsdp_fastload.source import FileTensor
 
     paths = [tmp_path / "a.bin", tmp_path / "b.bin"]
@@ -983,7 +985,8 @@ def test_mappings_found_by_query_equal_those_in_maps(tmp_path, monkeypatch):
     assert got == by_maps
     view = third[8:108]
     (ft,) = source.file_backed(memory_facts([view]), [(100,)])
-    assert ft == FileTensor(str(at_offset), 2 * source._PAGE + 8, 100, torch.uint8, (100,))
+    assert ft == FileTensor(str(at_offset), 2 * source._PAGE + 8, 100, torch.uint8, (100,),
+                            stamp_of(os.stat(at_offset)))
     with open(at_offset, "rb") as f:
         f.seek(ft.offset)
         assert f.read(100) == bytes(view.tolist())
