@@ -44,10 +44,11 @@ void poison_(at::Tensor& flat, int64_t value);
 // `expect`: empty, or the file's [st_dev, st_ino, st_size, st_mtime_ns] when its layout was read (its
 // header parsed, its mapping checked); a file that is not that one any more (replaced, saved again in
 // place) returns an error instead of bytes that belong to another version. A file whose modification
-// time or size moves while it is read returns an error too.
+// time or size moves while it is read returns an error too. `fd` >= 0: read the caller's open file
+// (not closed here; `path` then only names it in errors), else open `path`.
 std::string read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_offsets,
                  at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads,
-                 at::IntArrayRef expect);
+                 at::IntArrayRef expect, int64_t fd);
 
 // Fault the pages of the CPU buffer `flat` in (writable) without writing them, so a receive into
 // it runs at the speed of already-touched memory. Safe while another thread writes into it. False

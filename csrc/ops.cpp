@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -198,18 +199,23 @@ static std::string changed(const std::string& path, const char* when) {
 // Returns "" or what went wrong: it never throws (see fastload.h).
 std::string read_ranges(const std::string& path, at::Tensor& dst, at::IntArrayRef file_offsets,
                         at::IntArrayRef dst_offsets, at::IntArrayRef lengths, int64_t num_threads,
-                        at::IntArrayRef expect) {
+                        at::IntArrayRef expect, int64_t fd_in) {
   if (!(dst.is_cpu() && dst.is_contiguous()))
     return "fsdp_fastload read_ranges: destination must be a contiguous CPU tensor";
   const int64_t n = static_cast<int64_t>(lengths.size());
   if (static_cast<int64_t>(file_offsets.size()) != n || static_cast<int64_t>(dst_offsets.size()) != n)
     return "fsdp_fastload read_ranges: file_offsets, dst_offsets and lengths differ in length";
   const int64_t dst_bytes = dst.numel() * static_cast<int64_t>(dst.element_size());
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // The caller's open file (its header was read from it: a name replaced since does not matter, and
+  // a file system whose inode numbers change between lookups neither), else `path` opened here.
+  if (fd_in > std::numeric_limits<int>::max()) return "fsdp_fastload read_ranges: fd out of range";
+  const int fd = fd_in >= 0 ? static_cast<int>(fd_in) : ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return c10::str("fsdp_fastload read_ranges: cannot open ", path, ": ", std::strerror(errno));
-  struct Closer { int fd; ~Closer() { ::close(fd); } } closer{fd};
+  struct Closer { int fd; ~Closer() { if (fd >= 0) ::close(fd); } } closer{fd_in >= 0 ? -1 : fd};
   struct stat st {};
-  if (!(::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)))
+  if (::fstat(fd, &st) != 0)
+    return c10::str("fsdp_fastload read_ranges: cannot stat ", path, ": ", std::strerror(errno));
+  if (!S_ISREG(st.st_mode))
     return c10::str("fsdp_fastload read_ranges: ", path, " is not a regular file. Pass the path of a safetensors file.");
   if (!(expect.empty() || expect.size() == 4))
     return "fsdp_fastload read_ranges: expect must be empty or [device, inode, size, mtime_ns]";
@@ -381,7 +387,7 @@ TORCH_LIBRARY(fsdp_fastload, m) {
   m.def("copy_ranges(Tensor(a!) dst, Tensor[] srcs, int[] src_offsets, int[] dst_offsets, int[] lengths) -> ()");
   // Returns "" or the error: a failure at run time (a file truncated or changed after its header was
   // read, an I/O error) comes back as text, raised in Python, never thrown through the dispatcher.
-  m.def("read_ranges(str path, Tensor(a!) dst, int[] file_offsets, int[] dst_offsets, int[] lengths, int num_threads=4, int[] expect=[]) -> str");
+  m.def("read_ranges(str path, Tensor(a!) dst, int[] file_offsets, int[] dst_offsets, int[] lengths, int num_threads=4, int[] expect=[], int fd=-1) -> str");
 }
 
 TORCH_LIBRARY_IMPL(fsdp_fastload, CompositeExplicitAutograd, m) {

@@ -91,16 +91,16 @@ void test_read_ranges() {
   close(fd);
   auto rr = op("fsdp_fastload::read_ranges")
                 .typed<std::string(const std::string&, at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                            at::IntArrayRef, int64_t, at::IntArrayRef)>();
+                            at::IntArrayRef, int64_t, at::IntArrayRef, int64_t)>();
   at::Tensor dst = at::zeros({int64_t(2) << 20}, at::kByte);
-  EXPECT(rr.call(path, dst, {10, int64_t(1) << 20}, {0, 100}, {50, int64_t(1) << 20}, 3, {}).empty());
+  EXPECT(rr.call(path, dst, {10, int64_t(1) << 20}, {0, 100}, {50, int64_t(1) << 20}, 3, {}, -1).empty());
   auto* d = dst.data_ptr<uint8_t>();
   EXPECT(d[0] == static_cast<uint8_t>(data[10]) && d[49] == static_cast<uint8_t>(data[59]));
   EXPECT(d[100] == static_cast<uint8_t>(data[1 << 20]) && d[99 + (1 << 20)] == static_cast<uint8_t>(data[(2 << 20) - 1]));
-  EXPECT(!rr.call(path, dst, {int64_t(3) << 20}, {0}, {1}, 1, {}).empty());       // past EOF
-  EXPECT(!rr.call(path, dst, {0}, {int64_t(2) << 20}, {1}, 1, {}).empty());       // past dst
-  EXPECT(!rr.call(path, dst, {-1}, {0}, {1}, 1, {}).empty());                     // negative
-  EXPECT(!rr.call("/nonexistent/file", dst, {0}, {0}, {1}, 1, {}).empty());
+  EXPECT(!rr.call(path, dst, {int64_t(3) << 20}, {0}, {1}, 1, {}, -1).empty());       // past EOF
+  EXPECT(!rr.call(path, dst, {0}, {int64_t(2) << 20}, {1}, 1, {}, -1).empty());       // past dst
+  EXPECT(!rr.call(path, dst, {-1}, {0}, {1}, 1, {}, -1).empty());                     // negative
+  EXPECT(!rr.call("/nonexistent/file", dst, {0}, {0}, {1}, 1, {}, -1).empty());
 
   // Edges: exact fits succeed and touch nothing else; one byte over, overflowing sums, mismatched
   // lists, a strided destination or a directory return their error (read_ranges never throws) before any
@@ -109,21 +109,21 @@ void test_read_ranges() {
   const int64_t size = static_cast<int64_t>(data.size());
   at::Tensor small = at::full({52}, 0xCD, at::kByte);
   auto* s = small.data_ptr<uint8_t>();
-  EXPECT(rr.call(path, small, {size - 50}, {1}, {50}, 2, {}).empty());  // the file's last 50 bytes
+  EXPECT(rr.call(path, small, {size - 50}, {1}, {50}, 2, {}, -1).empty());  // the file's last 50 bytes
   EXPECT(s[0] == 0xCD && s[51] == 0xCD);
   EXPECT(std::memcmp(s + 1, data.data() + size - 50, 50) == 0);
-  EXPECT(rr.call(path, small, {size}, {52}, {0}, 1, {}).empty());  // empty range at both ends: allowed, writes nothing
+  EXPECT(rr.call(path, small, {size}, {52}, {0}, 1, {}, -1).empty());  // empty range at both ends: allowed, writes nothing
   at::Tensor before = small.clone();
-  EXPECT(!rr.call(path, small, {0}, {1}, {52}, 1, {}).empty());             // one byte past dst
-  EXPECT(!rr.call(path, small, {size - 49}, {0}, {50}, 1, {}).empty());     // one byte past EOF
-  EXPECT(!rr.call(path, small, {0}, {kMax}, {2}, 1, {}).empty());           // d + len overflows
-  EXPECT(!rr.call(path, small, {kMax}, {0}, {2}, 1, {}).empty());           // fo + len overflows
-  EXPECT(!rr.call(path, small, {0}, {0}, {kMax}, 1, {}).empty());
-  EXPECT(!rr.call(path, small, {0, 0}, {0}, {1, 1}, 1, {}).empty());        // lists differ
-  EXPECT(!rr.call(path, small, {0, 0}, {0, 10}, {10, 43}, 1, {}).empty());  // 2nd range bad
-  EXPECT(!rr.call("/tmp", small, {0}, {0}, {0}, 1, {}).empty());            // a directory
+  EXPECT(!rr.call(path, small, {0}, {1}, {52}, 1, {}, -1).empty());             // one byte past dst
+  EXPECT(!rr.call(path, small, {size - 49}, {0}, {50}, 1, {}, -1).empty());     // one byte past EOF
+  EXPECT(!rr.call(path, small, {0}, {kMax}, {2}, 1, {}, -1).empty());           // d + len overflows
+  EXPECT(!rr.call(path, small, {kMax}, {0}, {2}, 1, {}, -1).empty());           // fo + len overflows
+  EXPECT(!rr.call(path, small, {0}, {0}, {kMax}, 1, {}, -1).empty());
+  EXPECT(!rr.call(path, small, {0, 0}, {0}, {1, 1}, 1, {}, -1).empty());        // lists differ
+  EXPECT(!rr.call(path, small, {0, 0}, {0, 10}, {10, 43}, 1, {}, -1).empty());  // 2nd range bad
+  EXPECT(!rr.call("/tmp", small, {0}, {0}, {0}, 1, {}, -1).empty());            // a directory
   at::Tensor strided = at::zeros({8}, at::kByte).slice(0, 0, 8, 2);
-  EXPECT(!rr.call(path, strided, {0}, {0}, {1}, 1, {}).empty());
+  EXPECT(!rr.call(path, strided, {0}, {0}, {1}, 1, {}, -1).empty());
   EXPECT(at::equal(small, before));  // nothing written by any refused call
 
   // Ranges bigger than one 8 MiB chunk, split across threads, into a non-byte dtype.
@@ -133,7 +133,7 @@ void test_read_ranges() {
   EXPECT(fd >= 0 && write(fd, big.data(), big.size()) == static_cast<ssize_t>(big.size()));
   close(fd);
   at::Tensor wide = at::empty({int64_t(big.size() / 4) - 1}, at::kFloat);
-  EXPECT(rr.call(path, wide, {7}, {0}, {int64_t(big.size()) - 8}, 4, {}).empty());
+  EXPECT(rr.call(path, wide, {7}, {0}, {int64_t(big.size()) - 8}, 4, {}, -1).empty());
   EXPECT(std::memcmp(wide.data_ptr(), big.data() + 7, big.size() - 8) == 0);
 
   // `expect`: the file as it was when its layout was read. The same file reads; another inode,
@@ -143,19 +143,31 @@ void test_read_ranges() {
   const int64_t mtime = int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
   const std::vector<int64_t> same{int64_t(st.st_dev), int64_t(st.st_ino), int64_t(st.st_size), mtime};
   at::Tensor four = at::full({4}, 0xCD, at::kByte);
-  EXPECT(rr.call(path, four, {0}, {0}, {4}, 1, same).empty());
+  EXPECT(rr.call(path, four, {0}, {0}, {4}, 1, same, -1).empty());
   EXPECT(std::memcmp(four.data_ptr(), big.data(), 4) == 0);
   four.fill_(0xCD);
   for (size_t k = 0; k < same.size(); ++k) {
     std::vector<int64_t> other = same;
     other[k] += 1;
-    const std::string got = rr.call(path, four, {0}, {0}, {4}, 1, other);
+    const std::string got = rr.call(path, four, {0}, {0}, {4}, 1, other, -1);
     EXPECT(got.find("changed since its layout was read") != std::string::npos);
     EXPECT(got.find(path) != std::string::npos);
   }
-  EXPECT(!rr.call(path, four, {0}, {0}, {4}, 1, {1, 2, 3}).empty());
+  EXPECT(!rr.call(path, four, {0}, {0}, {4}, 1, {1, 2, 3}, -1).empty());
   EXPECT(at::equal(four, at::full({4}, 0xCD, at::kByte)));
-  unlink(path);
+
+  // `fd`: the caller's open file is read (and left open), whatever its name now holds; `path` only
+  // names it in errors. A name replaced since still reads the open file's bytes.
+  const int held = open(path, O_RDONLY);
+  EXPECT(held >= 0);
+  EXPECT(unlink(path) == 0);  // the name gone: only the open file is left
+  EXPECT(rr.call("/nonexistent/name", four, {4}, {0}, {4}, 2, same, held).empty());
+  EXPECT(std::memcmp(four.data_ptr(), big.data() + 4, 4) == 0);
+  EXPECT(fcntl(held, F_GETFD) != -1);  // still open
+  const std::string past = rr.call("shown.bin", four, {int64_t(big.size())}, {0}, {1}, 1, same, held);
+  EXPECT(past.find("past the end of shown.bin") != std::string::npos);
+  close(held);
+  EXPECT(!rr.call(path, four, {0}, {0}, {4}, 1, {}, held).empty());  // a closed descriptor: its error
 }
 
 }  // namespace

@@ -32,11 +32,20 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+def read(path: str, file, dst: torch.Tensor, file_offsets, dst_offsets, lengths, num_threads: int) -> None:
+    """`ops.read_ranges` of a FileTensor's file: through its `OpenFile`, checked against its stamp."""
+    if file is None:
+        ops.read_ranges(path, dst, file_offsets, dst_offsets, lengths, num_threads=num_threads)
+    else:
+        ops.read_ranges(path, dst, file_offsets, dst_offsets, lengths, num_threads=num_threads,
+                        expect=file.stamp, fd=file.fd)
+
+
 def read_file_tensor(ft: FileTensor, *, num_threads: int = 4) -> torch.Tensor:
     """The whole tensor `ft` read into fresh CPU memory (used when src must convert its dtype)."""
     raw = torch.empty(ft.nbytes, dtype=torch.uint8)
     if ft.nbytes:
-        ops.read_ranges(ft.path, raw, [ft.offset], [0], [ft.nbytes], num_threads=num_threads, expect=ft.stamp)
+        read(ft.path, ft.file, raw, [ft.offset], [0], [ft.nbytes], num_threads)
     return raw.view(ft.dtype).reshape(ft.shape)
 
 
@@ -95,7 +104,7 @@ class Packer:
                 numel = src.nbytes // src.dtype.itemsize if skip is None else counts[i]
                 if src.dtype == wire:
                     off = src.offset + (skip or 0)
-                    kind, obj = _FILE, (src.path, src.stamp)  # (the file as its header described it)
+                    kind, obj = _FILE, (src.path, src.file)  # (the file its header was read from)
                     key = (_FILE, obj, off - w)
                 else:
                     kind, obj, off, key = _CONV, src, wire, None
@@ -210,9 +219,7 @@ class Packer:
         piece = self._one_piece(j0, j1, a, b)
         if piece is not None and self.kinds[j0] == _FILE:
             lo, hi = piece
-            path, stamp = self.objs[j0]
-            ops.read_ranges(path, dst, [self.offs[j0] + lo - self.starts[j0]], [lo - a], [hi - lo],
-                            num_threads=self.read_threads, expect=stamp)
+            read(*self.objs[j0], dst, [self.offs[j0] + lo - self.starts[j0]], [lo - a], [hi - lo], self.read_threads)
             self.wrote_host = True
             return None
         if self.non_mem[j1] == self.non_mem[j0] and not split_device:  # plain memory: arguments by slicing
@@ -233,7 +240,7 @@ class Packer:
     def _pack_mixed(self, j0, j1, a, b, dst, split_device) -> tuple | None:
         mem: tuple[list, list, list, list] = ([], [], [], [])
         dev: tuple[list, list, list, list] = ([], [], [], [])
-        reads: dict[tuple, list[list[int]]] = {}  # (path, stamp) -> its ranges
+        reads: dict[tuple, list[list[int]]] = {}  # (path, open file) -> its ranges
         for j in range(j0, j1):
             start, end = self.starts[j], self.ends[j]
             s, e = max(start, a), min(end, b)
@@ -252,9 +259,9 @@ class Packer:
         self.wrote_host = bool(mem[0] or reads)
         if mem[0]:
             ops.copy_ranges(dst, *mem)
-        for (path, stamp), rs in reads.items():
+        for (path, file), rs in reads.items():
             fo, do, ln = zip(*rs)
-            ops.read_ranges(path, dst, fo, do, ln, num_threads=self.read_threads, expect=stamp)
+            read(path, file, dst, fo, do, ln, self.read_threads)
         return dev if dev[0] else None
 
 

@@ -5,9 +5,11 @@ fallback next to it otherwise. The fallbacks are the specification: tests compar
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import stat as _stat
 from itertools import chain
 from typing import Sequence
 
@@ -217,23 +219,29 @@ def _prefault_ref(flat: torch.Tensor) -> bool:
 
 def _read_ranges_ref(path: str, dst: torch.Tensor, file_offsets: Sequence[int],
                      dst_offsets: Sequence[int], lengths: Sequence[int], num_threads: int = 4,
-                     expect: Sequence[int] = ()) -> None:
+                     expect: Sequence[int] = (), fd: int = -1) -> None:
     if dst.device.type != "cpu" or not dst.is_contiguous():
         raise RuntimeError("fsdp_fastload read_ranges: destination must be a contiguous CPU tensor")
     if not len(file_offsets) == len(dst_offsets) == len(lengths):
         raise RuntimeError(
             "fsdp_fastload read_ranges: file_offsets, dst_offsets and lengths differ in length")
-    if not os.path.isfile(path):
+    if fd < 0 and not os.path.isfile(path):
         raise RuntimeError(f"fsdp_fastload read_ranges: {path} is not a regular file. "
                            "Pass the path of a safetensors file.")
-    if len(expect) not in (0, 4):
-        raise RuntimeError("fsdp_fastload read_ranges: expect must be empty or [device, inode, size, mtime_ns]")
-    with open(path, "rb", buffering=0) as f:
-        opened = stamp_of(os.fstat(f.fileno()))
+    with contextlib.ExitStack() as stack:
+        if fd < 0:  # else the caller's open file (see the compiled op)
+            fd = stack.enter_context(open(path, "rb", buffering=0)).fileno()
+        st = os.fstat(fd)
+        if not _stat.S_ISREG(st.st_mode):
+            raise RuntimeError(f"fsdp_fastload read_ranges: {path} is not a regular file. "
+                               "Pass the path of a safetensors file.")
+        if len(expect) not in (0, 4):
+            raise RuntimeError("fsdp_fastload read_ranges: expect must be empty or [device, inode, size, mtime_ns]")
+        opened = stamp_of(st)
         if expect and opened != tuple(expect):
             raise RuntimeError(_changed(path, "since its layout was read"))
-        _read_into(f, path, opened[2], dst, file_offsets, dst_offsets, lengths)
-        if stamp_of(os.fstat(f.fileno())) != opened:
+        _read_into(fd, path, opened[2], dst, file_offsets, dst_offsets, lengths)
+        if stamp_of(os.fstat(fd)) != opened:
             raise RuntimeError(_changed(path, "while it was read"))
 
 
@@ -257,7 +265,7 @@ def _changed(path: str, when: str) -> str:  # (the compiled op's text, word for 
             "the header they were located by. Load from files that nothing writes to while materialize runs.")
 
 
-def _read_into(f, path: str, size: int, dst: torch.Tensor, file_offsets: Sequence[int],
+def _read_into(fd: int, path: str, size: int, dst: torch.Tensor, file_offsets: Sequence[int],
                dst_offsets: Sequence[int], lengths: Sequence[int]) -> None:
     dst_bytes = dst.numel() * dst.element_size()
     for i, (fo, d, n) in enumerate(zip(file_offsets, dst_offsets, lengths)):
@@ -275,11 +283,10 @@ def _read_into(f, path: str, size: int, dst: torch.Tensor, file_offsets: Sequenc
     if dst.numel():  # as_strided: a contiguous tensor of one element may still carry any stride
         raw = dst.as_strided((dst.numel(),), (1,)).view(torch.uint8)
     for fo, d, n in zip(file_offsets, dst_offsets, lengths):
-        f.seek(fo)
         view = memoryview(raw[d:d + n].numpy())
         got = 0
         while got < n:
-            r = f.readinto(view[got:])
+            r = os.preadv(fd, [view[got:]], fo + got)
             if not r:
                 raise RuntimeError(
                     f"fsdp_fastload read_ranges: {path} ended early (was it truncated while reading?)")
@@ -317,7 +324,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake(lib + "read_ranges")
-    def _(path, dst, file_offsets, dst_offsets, lengths, num_threads=4, expect=()):
+    def _(path, dst, file_offsets, dst_offsets, lengths, num_threads=4, expect=(), fd=-1):
         return ""
 
 
@@ -426,14 +433,17 @@ def copy_ranges(dst: torch.Tensor, srcs: Sequence[torch.Tensor], src_offsets: Se
 
 
 def read_ranges(path: str, dst: torch.Tensor, file_offsets: Sequence[int], dst_offsets: Sequence[int],
-                lengths: Sequence[int], *, num_threads: int = 4, expect: Sequence[int] | None = None) -> None:
+                lengths: Sequence[int], *, num_threads: int = 4, expect: Sequence[int] | None = None,
+                fd: int = -1) -> None:
     """Read byte ranges of the file `path` into `dst`'s bytes (threads, no GIL, validated first).
-    `expect`: the file's `stamp_of` when its layout was read; a file replaced or written since, or
-    written while it is read, raises instead of giving bytes of another version.
+    `fd` >= 0: read that open file instead of opening `path` (which then only names it in errors;
+    the descriptor stays open). `expect`: the file's `stamp_of` when its layout was read; a file
+    replaced or written since, or written while it is read, raises instead of giving bytes of another
+    version.
     Raises RuntimeError naming the range or the file; the compiled op returns that text instead of
     throwing it (see csrc/fastload.h), and it is raised here."""
     args = (os.fspath(path), dst, list(file_offsets), list(dst_offsets), list(lengths), int(num_threads),
-            list(expect or ()))
+            list(expect or ()), int(fd))
     if _load_extension():
         problem = torch.ops.fsdp_fastload.read_ranges(*args)
         if problem:

@@ -238,7 +238,7 @@ def local_sources(source, e: Entry, geo: Geometry, *, read_threads: int = 4) -> 
         if start is not None and plain_file:
             item = source.dtype.itemsize
             out.append(FileTensor(source.path, source.offset + start * item, _numel(shape) * item,
-                                  source.dtype, shape, source.stamp))
+                                  source.dtype, shape, source.file))
         elif start is not None and sliceable:
             if flat is None:
                 flat = source.detach().reshape(-1)

@@ -38,22 +38,65 @@ class CheckpointError(ValueError):
     """A checkpoint file or directory that cannot be read as it claims; names the file and the problem."""
 
 
+class OpenFile:
+    """A file held open from the moment its layout is read (a safetensors header parsed, a mapping's
+    file checked) until the last FileTensor in it is gone, and read through that descriptor.
+
+    So a checkpoint saved again under the same name meanwhile (a new file renamed over it) changes
+    nothing: the bytes read are those of the file whose header was parsed; and a file system whose
+    inode numbers change between lookups (some FUSE mounts) is no problem. `stamp` (`ops.stamp_of`
+    when opened) is checked on every read: a file written in place since (truncated, saved again
+    into the same inode) is an error naming it, never bytes of another version at the old offsets.
+    """
+
+    __slots__ = ("path", "fd", "stamp")
+
+    def __init__(self, path: str, fd: int, stamp: tuple):
+        self.path, self.fd, self.stamp = path, fd, stamp
+
+    @staticmethod
+    def open(path: str) -> "OpenFile":
+        """`path` opened for reading (O_NONBLOCK: a FIFO named by mistake is refused, not waited on)."""
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+        try:
+            return OpenFile(path, fd, stamp_of(os.fstat(fd)))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (at interpreter exit `os` may be gone already)
+            pass
+
+    def __repr__(self) -> str:
+        return f"OpenFile({self.path!r}, fd={self.fd})"
+
+
 class FileTensor:
-    """One tensor inside a safetensors file: absolute byte offset in the file, dtype, shape.
+    """One tensor inside a safetensors file: absolute byte offset in the file, dtype, shape, and the
+    file held open (`OpenFile`; None: `path` is opened when read, unchecked).
 
     (A plain slotted class, not a frozen dataclass: one is made per checkpoint tensor, and a frozen
     dataclass's constructor costs ~1 us more, 1.5 ms of src's time before the first byte at 1,400.)
     """
 
-    __slots__ = ("path", "offset", "nbytes", "dtype", "shape", "stamp")
+    __slots__ = ("path", "offset", "nbytes", "dtype", "shape", "file")
 
     def __init__(self, path: str, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...],
-                 stamp: tuple | None = None):
+                 file: OpenFile | None = None):
         self.path, self.offset, self.nbytes, self.dtype, self.shape = path, offset, nbytes, dtype, shape
-        # the file as it was when this range was located in it (`ops.stamp_of`: device, inode, size,
-        # mtime): every read checks it, so a file saved again or replaced meanwhile is an error, never
-        # bytes of another version read at the old offsets. None: not checked.
-        self.stamp = stamp
+        self.file = file
+
+    @property
+    def stamp(self) -> tuple | None:
+        return None if self.file is None else self.file.stamp
 
     def __repr__(self) -> str:
         return (f"FileTensor(path={self.path!r}, offset={self.offset}, nbytes={self.nbytes}, "
@@ -72,21 +115,46 @@ class FileTensor:
 def parse_header(path: str) -> dict[str, FileTensor]:
     """Validate a safetensors file's header and return name -> FileTensor (reads only the header)."""
     try:
-        with open(path, "rb") as f:
-            stamp = stamp_of(os.fstat(f.fileno()))  # the file this header belongs to
-            size = stamp[2]
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than the "
-                                      "8-byte header length). The file is truncated or empty.")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, _MAX_HEADER):
-                pickled = head.startswith((b"PK\x03\x04", b"\x80"))  # torch.save's zip, or a bare pickle
-                hint = (" It looks like a torch.save / pickle file: pass its contents as a mapping "
-                        "(state_dict=torch.load(path, mmap=True, weights_only=True))." if pickled else "")
-                raise CheckpointError(f"{path}: header length {n} runs past the end of the file "
-                                      f"({size} bytes). The file is truncated or not safetensors.{hint}")
-            raw = f.read(n)
+        file = OpenFile.open(path)  # the file this header belongs to, read through this descriptor
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from e
+    try:
+        return _parse_header(path, file)
+    except BaseException:
+        file.close()
+        raise
+
+
+def _read_exactly(fd: int, n: int, at: int) -> bytes:
+    parts = []
+    while n > 0:
+        got = os.pread(fd, n, at)
+        if not got:
+            break
+        parts.append(got)
+        n, at = n - len(got), at + len(got)
+    return b"".join(parts)
+
+
+def _parse_header(path: str, file: OpenFile) -> dict[str, FileTensor]:
+    size = file.stamp[2]
+    try:
+        if not _stat.S_ISREG(os.fstat(file.fd).st_mode):
+            raise CheckpointError(f"{path}: not a regular file. Pass a safetensors file or a checkpoint directory.")
+        head = _read_exactly(file.fd, 8, 0)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than the "
+                                  "8-byte header length). The file is truncated or empty.")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER):
+            pickled = head.startswith((b"PK\x03\x04", b"\x80"))  # torch.save's zip, or a bare pickle
+            hint = (" It looks like a torch.save / pickle file: pass its contents as a mapping "
+                    "(state_dict=torch.load(path, mmap=True, weights_only=True))." if pickled else "")
+            raise CheckpointError(f"{path}: header length {n} runs past the end of the file "
+                                  f"({size} bytes). The file is truncated or not safetensors.{hint}")
+        raw = _read_exactly(file.fd, n, 8)
+        if len(raw) < n:
+            raise CheckpointError(f"{path}: ended inside its header (was it truncated meanwhile?)")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from e
     try:
@@ -133,7 +201,7 @@ def parse_header(path: str) -> dict[str, FileTensor]:
             raise CheckpointError(f"{where(path, name)}: shape {shape} x {itemsize} bytes = "
                                   f"{numel * itemsize} bytes, but its span is {end - begin} bytes")
         spans.append((begin, end, name))
-        out[name] = FileTensor(path, data_start + begin, end - begin, dtype, tuple(shape), stamp)
+        out[name] = FileTensor(path, data_start + begin, end - begin, dtype, tuple(shape), file)
     spans.sort()
     reach, owner = 0, None  # the furthest end of any non-empty span so far, and whose
     for b, e, name in spans:
@@ -156,9 +224,10 @@ def file_backed(facts: list, shapes: list) -> list[FileTensor | None]:
     ran 1.5x faster onto the GPU than the same model sent from its mapping (on a 2-core VM copying out
     of the mapping was the faster: see materialize's `read_mapped`). A range is used only when no page
     of it was written since it was mapped (a merged adapter, say: such a page is the process's own
-    copy, no longer the file's) and the file is still the one mapped (same device and inode, still
-    that long, readable); each range carries the file's stamp then, and the read checks it (a file
-    replaced or written in between is an error, not other bytes). Written pages are found in /proc/self/pagemap (present and not a file page, or
+    copy, no longer the file's) and the file is still the one mapped (opened, and its descriptor's
+    device and inode are the mapping's; still that long): that descriptor is what is read, checked
+    against the file's stamp then (a file written in place in between is an error, not other bytes).
+    Written pages are found in /proc/self/pagemap (present and not a file page, or
     swapped), read for the tensors' pages alone (~2 ms a GB untouched); where pagemap does not answer
     as Linux documents it (checked on a page this process wrote), in /proc/self/smaps (a mapping with
     `Anonymous` pages is left out whole; it walks every mapping of the process: 30-70 ms). Linux only;
@@ -193,12 +262,12 @@ def file_backed(facts: list, shapes: list) -> list[FileTensor | None]:
         start, end, offset, dev, inode, path, anonymous = r
         if written[k] if written is not None else anonymous != 0:
             continue
-        stamp = files.get((path, dev, inode), 0)
-        if stamp == 0:
-            stamp = files[(path, dev, inode)] = _same_file(path, dev, inode)
+        file = files.get((path, dev, inode), 0)
+        if file == 0:
+            file = files[(path, dev, inode)] = _same_file(path, dev, inode)
         at = offset + addr - start
-        if stamp is not None and stamp[2] >= at + nbytes:
-            out[i] = FileTensor(path, at, nbytes, facts[i][2], tuple(shapes[i]), stamp)
+        if file is not None and file.stamp[2] >= at + nbytes:
+            out[i] = FileTensor(path, at, nbytes, facts[i][2], tuple(shapes[i]), file)
     return out
 
 
@@ -418,16 +487,19 @@ def _smaps_mappings() -> list[tuple]:
     return regions
 
 
-def _same_file(path: str, dev: tuple, inode: int) -> tuple | None:
-    """`path`'s stamp (`ops.stamp_of`) if it is still the regular file mapped (device and inode) and
-    this process may read it (a mapping outlives its file's permissions), else None."""
+def _same_file(path: str, dev: tuple, inode: int) -> OpenFile | None:
+    """`path` opened (`OpenFile`) if it is still the regular file mapped (device and inode, checked on
+    the open descriptor: what is read is that file, whatever the name holds later) and this process
+    may read it (a mapping outlives its file's permissions: then the open fails), else None."""
     try:
-        st = os.stat(path)
+        file = OpenFile.open(path)
+        st = os.fstat(file.fd)
     except OSError:
         return None
     if not _stat.S_ISREG(st.st_mode) or st.st_ino != inode or (os.major(st.st_dev), os.minor(st.st_dev)) != dev:
+        file.close()
         return None
-    return stamp_of(st) if os.access(path, os.R_OK) else None
+    return file
 
 
 def checkpoint_files(path: str) -> list[str]:

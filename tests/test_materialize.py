@@ -926,7 +926,7 @@ def test_src_reads_its_mapped_tensors_from_the_files(ckpts, tmp_path, touch, fin
 def test_file_backed_finds_only_unwritten_mappings_of_the_same_file(tmp_path):
     from fsdp_fastload.layout import memory_facts
     from fsdp_fastload.ops import stamp_of
-    from fsdp_fastload.source import FileTensor, file_backed
+    from fsdp_fastload.source import file_backed
 
     path = tmp_path / "raw.bin"
     data = torch.arange(4096, dtype=torch.float32)
@@ -934,9 +934,10 @@ def test_file_backed_finds_only_unwritten_mappings_of_the_same_file(tmp_path):
     mapped = torch.from_file(str(path), shared=False, size=4096, dtype=torch.float32)
     views = [mapped[10:20], mapped[1000:3000].view(40, 50), torch.zeros(8), mapped[5:5]]
     got = file_backed(memory_facts(views), [v.shape for v in views])
-    stamp = stamp_of(os.stat(path))  # (reads check that the file is still this one)
-    assert got[0] == FileTensor(str(path), 40, 40, torch.float32, (10,), stamp)
-    assert got[1] == FileTensor(str(path), 4000, 8000, torch.float32, (40, 50), stamp)
+    stamp = stamp_of(os.stat(path))  # (reads go through the file opened then, checked against it)
+    assert got[0]._key() == (str(path), 40, 40, torch.float32, (10,), stamp)
+    assert got[1]._key() == (str(path), 4000, 8000, torch.float32, (40, 50), stamp)
+    assert got[0].file is got[1].file and os.path.samestat(os.fstat(got[0].file.fd), os.stat(path))
     assert got[2] is None and got[3] is None  # malloc-ed; empty
     other = tmp_path / "other.bin"
     other.write_bytes(path.read_bytes())
@@ -946,8 +947,8 @@ def test_file_backed_finds_only_unwritten_mappings_of_the_same_file(tmp_path):
     assert file_backed(memory_facts([again[:4]]), [(4,)])[0] is not None
     again[4] = 7  # a page of its own: the file no longer holds what memory does
     far = again[2048:2058]  # 8 KiB on: another page, still the file's
-    assert file_backed(memory_facts([again[:4], far]), [(4,), (10,)]) == [
-        None, FileTensor(str(path), 8192, 40, torch.float32, (10,), stamp_of(os.stat(path)))]
+    got = file_backed(memory_facts([again[:4], far]), [(4,), (10,)])
+    assert got[0] is None and got[1]._key() == (str(path), 8192, 40, torch.float32, (10,), stamp_of(os.stat(path)))
 
 
 def test_mappings_found_by_query_equal_those_in_maps(tmp_path, monkeypatch):
@@ -959,7 +960,6 @@ def test_mappings_found_by_query_equal_those_in_maps(tmp_path, monkeypatch):
     from fsdp_fastload import source
     from fsdp_fastload.layout import memory_facts
     from fsdp_fastload.ops import stamp_of
-    from fsdp_fastload.source import FileTensor
 
     paths = [tmp_path / "a.bin", tmp_path / "b.bin"]
     for p in paths:
@@ -985,8 +985,7 @@ def test_mappings_found_by_query_equal_those_in_maps(tmp_path, monkeypatch):
     assert got == by_maps
     view = third[8:108]
     (ft,) = source.file_backed(memory_facts([view]), [(100,)])
-    assert ft == FileTensor(str(at_offset), 2 * source._PAGE + 8, 100, torch.uint8, (100,),
-                            stamp_of(os.stat(at_offset)))
+    assert ft._key() == (str(at_offset), 2 * source._PAGE + 8, 100, torch.uint8, (100,), stamp_of(os.stat(at_offset)))
     with open(at_offset, "rb") as f:
         f.seek(ft.offset)
         assert f.read(100) == bytes(view.tolist())

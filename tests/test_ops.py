@@ -215,9 +215,10 @@ def test_read_ranges_checks_the_file_is_the_one_expected(impl, tmp_path, monkeyp
     if impl == "compiled" and not ops.extension_available():
         pytest.skip("fsdp_fastload._C not built")
     fn = ops.read_ranges if impl == "compiled" else (
-        lambda *a, num_threads=4, expect=None: ops._read_ranges_ref(*a, num_threads, list(expect or ())))
+        lambda *a, num_threads=4, expect=None, fd=-1: ops._read_ranges_ref(*a, num_threads, list(expect or ()), fd))
     path, data = _file(tmp_path)
     stamp = ops.stamp_of(os.stat(path))
+    held = os.open(path, os.O_RDONLY)  # read through this descriptor below, whatever the name holds by then
     dst = torch.full((16,), 7, dtype=torch.uint8)
     fn(path, dst, [3], [0], [16], expect=stamp)
     assert torch.equal(dst, data[3:19])
@@ -236,6 +237,13 @@ def test_read_ranges_checks_the_file_is_the_one_expected(impl, tmp_path, monkeyp
     with pytest.raises(RuntimeError, match=changed):
         fn(path, dst, [3], [0], [16], expect=stamp)
     assert (dst == 7).all()
+    # `fd`: the file opened before reads the bytes it held (the name's new file is not looked at)
+    fn("/nonexistent/name", dst, [3], [0], [16], expect=stamp, fd=held)
+    assert torch.equal(dst, data[3:19])
+    os.fstat(held)  # left open
+    with pytest.raises(RuntimeError, match=r"past the end of shown\.bin"):
+        fn("shown.bin", dst, [data.numel()], [0], [1], fd=held)
+    os.close(held)
     if impl == "fallback":
         real = ops._read_into
 
