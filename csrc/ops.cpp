@@ -183,7 +183,7 @@ void poison_(at::Tensor& flat, int64_t value) {
 }
 
 // A file's identity and version as the Python side records it (os.stat: st_dev, st_ino, st_size,
-// st_mtime_ns; device and inode as signed 64-bit, see source.stamp_of).
+// st_mtime_ns; device and inode as signed 64-bit, see ops.stamp_of in Python).
 static std::array<int64_t, 4> stamp_of(const struct stat& st) {
   return {static_cast<int64_t>(st.st_dev), static_cast<int64_t>(st.st_ino), static_cast<int64_t>(st.st_size),
           static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + static_cast<int64_t>(st.st_mtim.tv_nsec)};

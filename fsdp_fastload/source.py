@@ -49,17 +49,18 @@ class OpenFile:
     into the same inode) is an error naming it, never bytes of another version at the old offsets.
     """
 
-    __slots__ = ("path", "fd", "stamp")
+    __slots__ = ("path", "fd", "stat", "stamp")
 
-    def __init__(self, path: str, fd: int, stamp: tuple):
-        self.path, self.fd, self.stamp = path, fd, stamp
+    def __init__(self, path: str, fd: int, st: os.stat_result):
+        self.path, self.fd, self.stat, self.stamp = path, fd, st, stamp_of(st)
 
     @staticmethod
     def open(path: str) -> "OpenFile":
-        """`path` opened for reading (O_NONBLOCK: a FIFO named by mistake is refused, not waited on)."""
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+        """`path` opened for reading (O_NONBLOCK: a FIFO named by mistake is refused, not waited on),
+        with its `os.fstat` then."""
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         try:
-            return OpenFile(path, fd, stamp_of(os.fstat(fd)))
+            return OpenFile(path, fd, os.fstat(fd))
         except BaseException:
             os.close(fd)
             raise
@@ -139,7 +140,7 @@ def _read_exactly(fd: int, n: int, at: int) -> bytes:
 def _parse_header(path: str, file: OpenFile) -> dict[str, FileTensor]:
     size = file.stamp[2]
     try:
-        if not _stat.S_ISREG(os.fstat(file.fd).st_mode):
+        if not _stat.S_ISREG(file.stat.st_mode):
             raise CheckpointError(f"{path}: not a regular file. Pass a safetensors file or a checkpoint directory.")
         head = _read_exactly(file.fd, 8, 0)
         if len(head) < 8:
@@ -262,9 +263,9 @@ def file_backed(facts: list, shapes: list) -> list[FileTensor | None]:
         start, end, offset, dev, inode, path, anonymous = r
         if written[k] if written is not None else anonymous != 0:
             continue
-        file = files.get((path, dev, inode), 0)
-        if file == 0:
-            file = files[(path, dev, inode)] = _same_file(path, dev, inode)
+        if (path, dev, inode) not in files:
+            files[(path, dev, inode)] = _same_file(path, dev, inode)
+        file = files[(path, dev, inode)]
         at = offset + addr - start
         if file is not None and file.stamp[2] >= at + nbytes:
             out[i] = FileTensor(path, at, nbytes, facts[i][2], tuple(shapes[i]), file)
@@ -493,9 +494,9 @@ def _same_file(path: str, dev: tuple, inode: int) -> OpenFile | None:
     may read it (a mapping outlives its file's permissions: then the open fails), else None."""
     try:
         file = OpenFile.open(path)
-        st = os.fstat(file.fd)
     except OSError:
         return None
+    st = file.stat
     if not _stat.S_ISREG(st.st_mode) or st.st_ino != inode or (os.major(st.st_dev), os.minor(st.st_dev)) != dev:
         file.close()
         return None
