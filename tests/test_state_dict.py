@@ -288,6 +288,32 @@ def test_parse_header_rejects_lying_files(tmp_path, name, make, msg):
     assert path in str(e.value)
 
 
+def test_parse_header_refuses_a_fifo_without_waiting(tmp_path):
+    """A FIFO under a checkpoint's name (opened for reading, it would block until a writer came) is
+    refused at once, naming it: the open does not wait (O_NONBLOCK) and its type is checked."""
+    import threading
+
+    path = str(tmp_path / "model.safetensors")
+    os.mkfifo(path)
+    got: list = []
+
+    def parse():
+        try:
+            parse_header(path)
+            got.append("no error")
+        except Exception as e:  # noqa: BLE001
+            got.append(e)
+    t = threading.Thread(target=parse, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # blocked in open: let it go (a writer end unblocks it), then fail
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(10)
+        pytest.fail("parse_header waited on a FIFO")
+    assert len(got) == 1 and isinstance(got[0], CheckpointError), got
+    assert str(got[0]) == f"{path}: not a regular file. Pass a safetensors file or a checkpoint directory."
+
+
 def test_parse_header_accepts_real_file(ckpts):
     (f,) = checkpoint_files(ckpts["llama"])
     from safetensors import safe_open
