@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import json
 import os
 import stat as _stat
@@ -118,6 +119,11 @@ def parse_header(path: str) -> dict[str, FileTensor]:
     try:
         file = OpenFile.open(path)  # the file this header belongs to, read through this descriptor
     except OSError as e:
+        if e.errno == errno.EMFILE:
+            raise CheckpointError(
+                f"{path}: cannot open it ({e.strerror}): materialize keeps every file of a checkpoint open "
+                "while it loads. Raise this process's limit on open files above the number of checkpoint "
+                "files (`ulimit -n`, or resource.setrlimit(resource.RLIMIT_NOFILE, ...) before the call).") from e
         raise CheckpointError(f"{path}: cannot read ({e})") from e
     try:
         return _parse_header(path, file)

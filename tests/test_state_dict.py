@@ -348,6 +348,53 @@ def test_checkpoint_dirs(tmp_path, ckpts):
     assert len(checkpoint_files(ckpts["llama-sharded"])) > 1
 
 
+_FD_LIMIT_SCRIPT = r"""
+import os, resource, sys, torch
+from torch import nn
+from safetensors.torch import save_file
+from fsdp_fastload import MaterializeError, materialize
+
+d = sys.argv[1]
+model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(8)])
+sd = model.state_dict()
+keys = list(sd)
+for k, key in enumerate(keys):  # one file per tensor: 16 files
+    save_file({key: sd[key].contiguous()}, os.path.join(d, f"part{k}.safetensors"))
+open(os.path.join(d, "model.safetensors.index.json"), "w").write(
+    '{"weight_map": {%s}}' % ", ".join(f'"{key}": "part{k}.safetensors"' for k, key in enumerate(keys)))
+used = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (used + 6, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+meta = nn.Sequential(*[nn.Linear(4, 4, device="meta") for _ in range(8)])
+try:
+    materialize(meta, "cpu", state_dict=d)
+    print("no error")
+except MaterializeError as e:
+    print(e)
+resource.setrlimit(resource.RLIMIT_NOFILE, (used + 40, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+materialize(meta, "cpu", state_dict=d)  # enough descriptors: loads, and gives them all back
+assert all(torch.equal(a, b) for a, b in zip(meta.state_dict().values(), sd.values()))
+print("fds after", len(os.listdir("/proc/self/fd")) - used)
+"""
+
+
+def test_too_many_checkpoint_files_for_the_open_file_limit_is_named(tmp_path):
+    """Every file of a checkpoint stays open while it loads: past the process's limit on open files
+    the error names the file and the limit to raise; under it the load works and leaves no file open."""
+    import subprocess
+    import sys
+
+    got = subprocess.run([sys.executable, "-c", _FD_LIMIT_SCRIPT, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert got.returncode == 0, got.stderr
+    first, after = got.stdout.strip().splitlines()
+    assert re.match(rf"fsdp_fastload\.materialize: {re.escape(str(tmp_path))}/part\d+\.safetensors: cannot open it "
+                    r"\(Too many open files\): materialize keeps every file of a checkpoint open while it loads\. "
+                    r"Raise this process's limit on open files above the number of checkpoint files "
+                    r"\(`ulimit -n`, or resource\.setrlimit\(resource\.RLIMIT_NOFILE, \.\.\.\) before the call\)\.$",
+                    first), first
+    assert after == "fds after 0", after
+
+
 def _bad_file_worker(rank, world, path):
     from fsdp_fastload import MaterializeError, materialize
 
