@@ -191,9 +191,10 @@ static std::array<int64_t, 4> stamp_of(const struct stat& st) {
 
 static std::string changed(const std::string& path, const char* when) {
   return c10::str("fsdp_fastload read_ranges: ", path, " changed ", when,
-                  " (its inode, size or modification time differ): was the checkpoint saved again or replaced "
-                  "during the load? Its bytes no longer match the header they were located by. Load from "
-                  "files that nothing writes to while materialize runs.");
+                  " (its inode, size or modification time differ): was it written to or replaced during the "
+                  "load (a checkpoint saved again)? Where its tensors were located (by its header, or by the "
+                  "mapping a model was loaded with), another version's bytes may be now. Load from files that "
+                  "nothing writes to while materialize runs.");
 }
 
 // Returns "" or what went wrong: it never throws (see fastload.h).

@@ -261,8 +261,9 @@ def stamp_of(st: os.stat_result) -> tuple[int, int, int, int]:
 
 def _changed(path: str, when: str) -> str:  # (the compiled op's text, word for word)
     return (f"fsdp_fastload read_ranges: {path} changed {when} (its inode, size or modification time "
-            "differ): was the checkpoint saved again or replaced during the load? Its bytes no longer match "
-            "the header they were located by. Load from files that nothing writes to while materialize runs.")
+            "differ): was it written to or replaced during the load (a checkpoint saved again)? Where its "
+            "tensors were located (by its header, or by the mapping a model was loaded with), another "
+            "version's bytes may be now. Load from files that nothing writes to while materialize runs.")
 
 
 def _read_into(fd: int, path: str, size: int, dst: torch.Tensor, file_offsets: Sequence[int],

@@ -338,8 +338,8 @@ def test_checkpoint_changed_mid_load_raises_on_every_rank(ckpt, tmp_path, world)
                        rf"could not read/pack bucket (\d+) of (\d+) \(bytes \[\d+, \d+\) of \d+; "
                        rf"tensors? '[\w.]+'(, '[\w.]+')*( and \d+ more)?\): RuntimeError: "
                        rf"fsdp_fastload read_ranges: {re.escape(path)} changed since its layout was read \(its "
-                       r"inode, size or modification time differ\): was the checkpoint saved again or replaced "
-                       r"during the load\? .* If a checkpoint file changed after materialize read its header "
+                       r"inode, size or modification time differ\): was it written to or replaced during the "
+                       r"load \(a checkpoint saved again\)\? .* If a checkpoint file changed after materialize read its header "
                        r"\(truncated, rewritten, a failing disk\), restore it and retry\. Nothing was installed "
                        r"on any rank\.$")
             m = re.match(pattern, msg)
