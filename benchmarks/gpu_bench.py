@@ -295,7 +295,10 @@ def main():
         for m, med, mn, peak, status, phase, what in rows:
             lines.append(f"| {m} | {med:.3f} | {mn:.3f} | {total / med / 1e9:.1f} | {med / floor:.2f} | "
                          f"{peak / 1e9:.2f} | {status} | {phase} | {what} |")
-        lines.append("")
+        from fsdp_fastload import source
+        lines += ["read_mapped's mapping lookup in this process: "
+                  + ("the PROCMAP_QUERY ioctl" if source._procmap_query_ok else "/proc/self/maps (no PROCMAP_QUERY)")
+                  + f", {sum(1 for _ in open('/proc/self/maps'))} mappings, kernel {os.uname().release}", ""]
         if args.out:  # after each model: a run cut short keeps what it measured
             Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -16,6 +16,7 @@ limit() { local l; l=$(left); (( l < $1 )) && echo "$l" || echo "$1"; }
 stage() { echo "=== $1 at $(( $(date +%s) - T0 )) s (limit $2 s)"; }
 STAGES=" ${STAGES:-env build tests bench raise demo probe} "  # a shorter call: STAGES="build raise tests"
 # "suite" (not in the default): the rest of tests/ on this machine's torch, with CUDA present
+# (SUITE_FILES: those files, in that order, instead of tests/: a short stage reaches the ones named first)
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 
 if want env; then
@@ -54,7 +55,7 @@ if want suite; then
 stage suite "$(limit 240)"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${SUITE_WORKERS:-12}")
 # (-v: each test's outcome is in the log as it ends, also when the stage runs out of time)
-timeout "$(limit 240)" $PY -m pytest -p no:cacheprovider -v $XDIST -rf --tb=short --durations=5 tests \
+timeout "$(limit 240)" $PY -m pytest -p no:cacheprovider -v $XDIST -rf --tb=short --durations=5 ${SUITE_FILES:-tests} \
     --ignore=tests/test_cuda.py --ignore=tests/test_ops.py --ignore=tests/test_layout.py > "$OUT/suite.log" 2>&1
 echo "suite rc=$?"; grep -cE " PASSED " "$OUT/suite.log"; grep -E " passed|FAILED|ERROR|crashed" "$OUT/suite.log" | cut -c1-300 | tail -30
 fi
