@@ -169,3 +169,50 @@ def test_alloc_beyond_the_device_raises_in_python():
     with pytest.raises(torch.OutOfMemoryError, match=r"fsdp_fastload alloc, checked before allocating.*cuda:0"):
         ops.alloc(2 * total, dev)
     assert ops.alloc(1 << 20, dev).numel() == 1 << 20
+
+
+# ------------------------------------------------------------------------------------------------
+# Training frameworks on the GPU (tests/test_integrations.py's workers, NCCL, one GPU per rank)
+# ------------------------------------------------------------------------------------------------
+
+
+def _close(got: list[float], want: list[float]) -> bool:
+    """Losses after the first step: the backward on a GPU may use kernels with atomics (embedding
+    gradients), which need not repeat to the last bit across processes; the forward does."""
+    return got[0] == want[0] and all(abs(a - b) <= 1e-5 * max(abs(b), 1.0) for a, b in zip(got, want))
+
+
+@pytest.mark.skipif(not torch.distributed.is_nccl_available(), reason="needs NCCL")
+def test_accelerate_fsdp2_bf16_pinned_cpu_offload_on_cuda(ckpts):
+    """accelerate's FSDP2 on the GPU, bf16 mixed precision, CPU offload with pinned shards:
+    enable() (ranks != 0 on meta) gives every shard the checkpoint's value, offloaded to pinned
+    host memory, and the training losses of accelerate's own loader."""
+    import test_integrations as ti
+
+    path, world = ckpts["llama_bf16"], _nccl_world()
+    stock = run_ranks(ti._accelerate_worker, world, path, "stock", "bf16", True, False, True,
+                      timeout=400, backend="nccl")
+    ours = run_ranks(ti._accelerate_worker, world, path, "fastload", "bf16", True, False, True,
+                     timeout=400, backend="nccl")
+    for rank in range(world):
+        assert stock[rank]["bad"] == [], f"accelerate's own loader, rank {rank}: {stock[rank]['bad']}"
+        assert ours[rank]["bad"] == [], f"rank {rank}: {ours[rank]['bad']}"
+        loaded, unique = ours[rank]["materialized"]
+        assert loaded == unique, f"rank {rank}: materialize loaded {loaded} of {unique} tensors"
+        assert _close(ours[rank]["losses"], stock[rank]["losses"]), \
+            f"rank {rank}: {ours[rank]['losses']} vs accelerate's own {stock[rank]['losses']}"
+
+
+@pytest.mark.skipif(not torch.distributed.is_nccl_available(), reason="needs NCCL")
+def test_ddp_init_sync_false_on_cuda(ckpts):
+    """materialize onto the GPU, then DDP(device_ids=[gpu], init_sync=False): the losses of plain
+    single-process training on the same GPU, and the ties kept."""
+    import test_integrations as ti
+
+    path = ckpts["qwen2_tied"]
+    want = run_ranks(ti._single_worker, 1, path, torch.float32, "cuda", timeout=300, backend="nccl")[0]
+    for rank, res in enumerate(run_ranks(ti._ddp_worker, _nccl_world(), path, True, timeout=400,
+                                         backend="nccl")):
+        assert _close(res["losses"], want), f"rank {rank}: {res['losses']} vs single process {want}"
+        assert res["same"], f"rank {rank}: parameters differ across ranks after training"
+        assert res["tied"] == models.spec_for(path).tied

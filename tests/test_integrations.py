@@ -42,10 +42,11 @@ def _train(model, inputs, opt, backward=None, steps=STEPS) -> list[float]:
     return models.train_losses(model, inputs, opt, steps=steps, backward=backward)
 
 
-def _single_worker(rank, world, path, dtype):
+def _single_worker(rank, world, path, dtype, device="cpu"):
     """The reference: plain single-process training (world 1, no wrapper)."""
-    model = models.load_reference(path, dtype=dtype).train()
-    return _train(model, models.example_inputs(model), _optimizer(model.parameters()))
+    model = models.load_reference(path, dtype=dtype).train().to(device)
+    inputs = {k: v.to(device) for k, v in models.example_inputs(model).items()}
+    return _train(model, inputs, _optimizer(model.parameters()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,20 +71,22 @@ def _tensors(model):
 # ------------------------------------------------------------------------------------------------
 
 
-def _accelerator(mixed_precision: str, layer_cls: str, cpu_offload: bool, activation_checkpointing: bool):
-    """accelerate picks DistributedType.FSDP only for GPU-like devices: force it on CPU ranks."""
+def _accelerator(mixed_precision: str, layer_cls: str, cpu_offload: bool, activation_checkpointing: bool,
+                 on_cuda: bool = False):
+    """accelerate picks DistributedType.FSDP only for GPU-like devices: force it on CPU ranks (and
+    on CUDA ranks too, which run no `accelerate launch` here: the same plugin either way)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import CPUOffloadPolicy
 
-    acc = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    acc = Accelerator(cpu=not on_cuda, mixed_precision=mixed_precision)
     state = AcceleratorState()
     state.distributed_type = DistributedType.FSDP
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, cpu_ram_efficient_loading=True, auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=[layer_cls], activation_checkpointing=activation_checkpointing,
-        cpu_offload=CPUOffloadPolicy(pin_memory=False) if cpu_offload else False)  # no pinning without CUDA
+        cpu_offload=CPUOffloadPolicy(pin_memory=on_cuda) if cpu_offload else False)  # no pinning without CUDA
     if mixed_precision != "no":
         plugin.set_mixed_precision(mixed_precision, override=True)
     state.fsdp_plugin = plugin
@@ -108,7 +111,7 @@ def _fsdp_groups_holding(model, p) -> int:
     return n
 
 
-def _check_prepared(model, opt, ref, *, param_dtype) -> list[str]:
+def _check_prepared(model, opt, ref, *, param_dtype, pinned: bool = False) -> list[str]:
     """Differences between the prepared (sharded) model and the checkpoint (collective: full_tensor)."""
     from torch.distributed.tensor import DTensor
 
@@ -125,7 +128,14 @@ def _check_prepared(model, opt, ref, *, param_dtype) -> list[str]:
             local = g.to_local()
             if local.is_meta or local.device.type != "cpu":
                 bad.append(f"{name}: local shard on {local.device}")
-            full = g.full_tensor()
+                continue
+            if pinned and local.numel() and not local.is_pinned():
+                bad.append(f"{name}: offloaded shard not in pinned memory")
+            mesh = g.device_mesh
+            if mesh.device_type != "cpu":  # CPU-offloaded shards of a CUDA mesh: gathered on the GPU
+                g = DTensor.from_local(local.to(mesh.device_type), mesh, g.placements, shape=g.shape,
+                                       stride=g.stride())
+            full = g.full_tensor().cpu()
             if full.dtype != param_dtype or not torch.equal(full, w.to(param_dtype)):
                 bad.append(f"{name}: full_tensor() is not the checkpoint's value ({full.dtype})")
             if g.requires_grad != w.requires_grad:
@@ -156,11 +166,14 @@ def _check_prepared(model, opt, ref, *, param_dtype) -> list[str]:
 
 
 def _accelerate_worker(rank, world, path, flow, mixed_precision="no", cpu_offload=False,
-                       activation_checkpointing=False):
+                       activation_checkpointing=False, on_cuda=False):
+    """`on_cuda` (tests/test_cuda.py, NCCL, one GPU per rank): the same on the GPU; the shards must
+    then be offloaded (CPU offload, pinned), which is what `_check_prepared` checks."""
     import fsdp_fastload.integrations.accelerate as fastload_accelerate
 
+    assert cpu_offload or not on_cuda, "on CUDA only the CPU-offloaded case is checked"
     acc = _accelerator(mixed_precision, _LAYER[models.spec_for(path).family], cpu_offload,
-                       activation_checkpointing)
+                       activation_checkpointing, on_cuda)
     # "fastload": enable(), ranks != 0 build the model on meta. "stock": accelerate's own loader, which
     # needs real values on every rank; "fastload_loaded": enable() with real values on every rank (what
     # transformers 5.24's cpu-ram-efficient from_pretrained gives, see models.build_seed_flow)
@@ -175,8 +188,9 @@ def _accelerate_worker(rank, world, path, flow, mixed_precision="no", cpu_offloa
     loaded = api.last_stats.get("tensors")  # the loader's materialize call (None: not called)
     unique = len({id(t) for t in _tensors(model).values()})
     param_dtype = torch.float32 if mixed_precision != "no" else models.spec_for(path).dtype
-    bad = _check_prepared(model, opt, ref, param_dtype=param_dtype)
-    losses = _train(model, models.example_inputs(ref), opt, backward=acc.backward)
+    bad = _check_prepared(model, opt, ref, param_dtype=param_dtype, pinned=on_cuda)
+    inputs = {k: v.to(acc.device) for k, v in models.example_inputs(ref).items()}
+    losses = _train(model, inputs, opt, backward=acc.backward)
     fastload_accelerate.disable()
     wrapped = any(n.endswith("_checkpoint_wrapped_module") for n, _ in model.named_modules())
     return {"bad": bad, "losses": losses, "materialized": (loaded, unique), "checkpointed": wrapped}
@@ -259,15 +273,18 @@ def _same_on_every_rank(tensors) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def _ddp_worker(rank, world, path):
+def _ddp_worker(rank, world, path, on_cuda=False):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from fsdp_fastload import materialize
 
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
     model = _load(rank, path, torch.float32)
-    materialize(model, "cpu")  # src-model flow: rank 0's loaded model onto every rank
-    ddp = DDP(model, init_sync=False)  # every rank already holds rank 0's values: no re-broadcast
-    losses = _train(ddp, models.example_inputs(model), _optimizer(ddp.parameters()))
+    materialize(model, device)  # src-model flow: rank 0's loaded model onto every rank
+    # every rank already holds rank 0's values: no re-broadcast
+    ddp = DDP(model, device_ids=[device] if on_cuda else None, init_sync=False)
+    inputs = {k: v.to(device) for k, v in models.example_inputs(model).items()}
+    losses = _train(ddp, inputs, _optimizer(ddp.parameters()))
     return {"losses": losses, "same": _same_on_every_rank(model.parameters()),
             "tied": model.lm_head.weight is model.model.embed_tokens.weight}
 
