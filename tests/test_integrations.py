@@ -140,7 +140,7 @@ def _check_prepared(model, opt, ref, *, param_dtype, pinned: bool = False) -> li
                 bad.append(f"{name}: full_tensor() is not the checkpoint's value ({full.dtype})")
             if g.requires_grad != w.requires_grad:
                 bad.append(f"{name}: requires_grad {g.requires_grad}")
-        elif g.is_meta or g.dtype != w.dtype or not torch.equal(g, w):
+        elif g.is_meta or g.dtype != w.dtype or not torch.equal(g.cpu(), w):  # (buffers stay on the GPU)
             bad.append(f"{name}: buffer differs from the checkpoint's / from_pretrained's")
     # ties: the same groups of names share one object, and a tied parameter is in one FSDP group
     groups, ref_groups = {}, {}
