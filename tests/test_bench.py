@@ -195,3 +195,28 @@ def test_bench_end_to_end(tmp_path, capsys):
     assert "ours: 100 tensors take" in md
     assert "ERROR" not in md
     assert "run 1/1" in capsys.readouterr().out  # a progress line per run
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_peak_rss_of_a_call_is_seen(kernel):
+    """The bench's receiver-RSS column: 64 MB touched and freed inside the measured span shows as
+    growth, whether the kernel's high-water mark (reset first; no thread beside the call) or the
+    sampling thread finds it. On a Linux that refuses the reset, the kernel mode falls back to the
+    thread, and says so."""
+    import time
+
+    import torch
+
+    from fsdp_fastload.bench.worker import RssSampler
+
+    s = RssSampler(0.001, kernel=kernel)
+    before = s.rss()
+    s.start()
+    x = torch.ones(64 * 2**20, dtype=torch.uint8)  # touched: resident
+    time.sleep(0.05)
+    del x
+    peak = s.stop()
+    assert peak - before >= 60 * 2**20, (s.how, peak - before)
+    assert s.how == ("kernel" if kernel and s._thread is None else "sampled")
+    if not kernel:
+        assert s.samples > 0

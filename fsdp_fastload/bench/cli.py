@@ -66,8 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=Path("/tmp/fsdp_fastload_bench"),
                    help="where the checkpoints are built, once (default: %(default)s)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per run before both ranks are killed")
+    p.add_argument("--rss", choices=("kernel", "thread"), default="kernel",
+                   help="how a rank's peak RSS over the timed call is found: the kernel's own peak "
+                        "(VmHWM, reset before the call: exact; falls back to the thread where Linux "
+                        "does not allow the reset) or a background thread sampling it (a lower "
+                        "bound: peaks shorter than its period are missed). Default %(default)s")
     p.add_argument("--rss-interval-ms", type=float, default=1.0,
-                   help="RSS sampling period of the background thread (0: ru_maxrss delta only)")
+                   help="--rss thread: the sampling period (0: ru_maxrss delta only)")
     p.add_argument("--warmup", type=int, default=1,
                    help="discarded runs of the first row, per model and for the sweep (default 1)")
     p.add_argument("--prefault-gb", type=float, default=0.0,
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _resolve(p, p.parse_args(argv))
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     settings = Settings(logdir=args.out / "logs", timeout=args.timeout,
-                        rss_interval_ms=args.rss_interval_ms, check=not args.no_check)
+                        rss_interval_ms=args.rss_interval_ms, rss=args.rss, check=not args.no_check)
     skipped = _skipped((args.methods if args.models else []) + (args.sweep_methods if args.plan else []))
     if args.prefault_gb > 0:
         prefault(args.prefault_gb)

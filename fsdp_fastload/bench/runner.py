@@ -31,6 +31,7 @@ class Settings:
     timeout: int
     rss_interval_ms: float
     check: bool
+    rss: str = "kernel"
 
 
 @dataclass
@@ -62,7 +63,7 @@ def launch(job: Job, settings: Settings, tag: str) -> dict:
     """Run ``job`` once on 2 fresh ranks; rank 1's result (plus rank 0's essentials), or an error."""
     res = settings.logdir / tag
     cfg = dict(method=job.method, model=job.model, result=str(res), timeout=settings.timeout,
-               rss_interval_ms=settings.rss_interval_ms, check=settings.check)
+               rss_interval_ms=settings.rss_interval_ms, rss=settings.rss, check=settings.check)
     port = _free_port()
     procs, logs = [], []
     try:
