@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from fsdp_fastload.bench.models import MODELS  # noqa: E402
+from fsdp_fastload.bench.worker import RssSampler  # noqa: E402
 
 SIZES = dict(MODELS)
 # 1.1B params, 201 tensors, 2.2 GB in bf16
@@ -253,7 +254,7 @@ def main():
         rows = []
         for m in args.methods.split(","):
             prepare, run, what = METHODS[m]
-            times, status, peak, phases = [], "-", 0, []
+            times, status, peak, phases, host = [], "-", 0, [], 0
             if m == "floor_pinned" and not cuda:
                 continue
             try:
@@ -266,9 +267,13 @@ def main():
                     if cuda:
                         torch.cuda.reset_peak_memory_stats(dev)
                         base = torch.cuda.memory_allocated(dev)
+                    rss = RssSampler(0.0)  # the kernel's peak RSS (VmHWM), reset here
+                    rss0 = rss.rss()
+                    rss.start()
                     t0 = time.perf_counter()
                     model = run(state, ctx)
                     times.append(time.perf_counter() - t0)
+                    host = max(host, rss.stop() - rss0)
                     if m.startswith("ours"):  # where materialize's own time went (this rank's phases)
                         from fsdp_fastload import api
                         phases.append("/".join(f"{api.last_stats.get(k + '_s', float('nan')):.3f}"
@@ -285,16 +290,16 @@ def main():
                 status = f"raised {type(e).__name__}: {str(e)[:80]}"
             med = statistics.median(times) if times else float("nan")
             phase = phases[times.index(med)] if phases and med in times else (phases[0] if phases else "")
-            rows.append((m, med, min(times) if times else float("nan"), peak, status, phase, what))
+            rows.append((m, med, min(times) if times else float("nan"), peak, host, status, phase, what))
             print(f"[{name}] {m}: {med:.3f} s  {status}", flush=True)
         floor = next((r[1] for r in rows if r[0] == ("floor_pinned" if cuda else "floor_pageable")), float("nan"))
         lines += [f"### {name}: {total / 1e9:.2f} GB bf16", "",
-                  f"| method | median s | min s | GB/s | x {'floor_pinned' if cuda else 'floor_pageable'} | GPU peak GB | check "
-                  "| agree/alloc/fill/install s | what |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for m, med, mn, peak, status, phase, what in rows:
+                  f"| method | median s | min s | GB/s | x {'floor_pinned' if cuda else 'floor_pageable'} | GPU peak GB "
+                  "| host RSS peak GB | check | agree/alloc/fill/install s | what |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for m, med, mn, peak, host, status, phase, what in rows:
             lines.append(f"| {m} | {med:.3f} | {mn:.3f} | {total / med / 1e9:.1f} | {med / floor:.2f} | "
-                         f"{peak / 1e9:.2f} | {status} | {phase} | {what} |")
+                         f"{peak / 1e9:.2f} | {host / 1e9:.2f} | {status} | {phase} | {what} |")
         from fsdp_fastload import source
         lines += ["read_mapped's mapping lookup in this process: "
                   + ("the PROCMAP_QUERY ioctl" if source._procmap_query_ok else "/proc/self/maps (no PROCMAP_QUERY)")
