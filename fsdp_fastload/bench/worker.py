@@ -58,19 +58,21 @@ class RssSampler:
             pass
         return None
 
+    def _reset_hwm(self) -> bool:
+        """Set the kernel's high-water mark to the current RSS; whether Linux did."""
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return False
+        hwm = self._hwm()
+        return hwm is not None and hwm <= self.peak + 16 * self.page
+
     def start(self):
         self.peak = self.rss()
-        try:
-            if not self.kernel:
-                raise OSError("the thread was asked for")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # the high-water mark := the current RSS
-            hwm = self._hwm()
-            if hwm is not None and hwm <= self.peak + 16 * self.page:  # (it did reset)
-                self.how = "kernel"
-                return
-        except OSError:
-            pass
+        if self.kernel and self._reset_hwm():
+            self.how = "kernel"
+            return
         if self.interval > 0:
             self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
