@@ -248,11 +248,11 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
         except Exception as e:  # noqa: BLE001  every rank hears it before any data moves
             error = f"get_extra_state() of a module failed on src: {_sentence(e)}"
     layout = shd_layout = None
-    sources = wire_all = facts = rep_sources = None
+    sources = wire_all = facts = shd_facts = rep_sources = None
     mapped_bytes = 0  # src: bytes read from the files its tensors are mapped from (read_mapped)
     if error is None and is_src:
         try:
-            sources, rep_sources, wire_all, facts, layout, shd_layout, mapped_bytes = _plan_src(
+            sources, rep_sources, wire_all, facts, shd_facts, layout, shd_layout, mapped_bytes = _plan_src(
                 entries, rep, rep_entries, shd, slots, src_plan, opts, world=len(ranks),
                 align=device_align(device), device=device)
         except Exception as e:  # noqa: BLE001  src cannot plan: every rank hears why before any data moves
@@ -403,7 +403,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
                 packer = make_packer(rep_sources, layout, read_threads=opts["read_threads"], facts=facts,
                                      names=[e.names[0] for e in rep_entries], numels=[e.numel for e in rep_entries])
             if shd:
-                packers = shard.rank_packers([sources[i] for i in shd], shd_entries, geos, shd_layout,
+                packers = shard.rank_packers([sources[i] for i in shd], shd_entries, geos, shd_layout, facts=shd_facts,
                                              read_threads=opts["read_threads"])
         except Exception as e:  # noqa: BLE001  (src's own failure: every rank raises it after the fill)
             degraded.fail(_preparing_failed(e))
@@ -517,7 +517,8 @@ def _plan_src(entries: list[Entry], rep: list[int], rep_entries: list[Entry], sh
               slots: list[Entry], src_plan, opts: dict, *, world: int, align: int,
               device: torch.device) -> tuple:
     """src's (sources, those of the replicated entries, wire dtypes, memory facts of the replicated
-    sources, layout, shards' layout, bytes to read from the files its tensors are mapped from)."""
+    sources and of the sharded ones, layout, shards' layout, bytes to read from the files its tensors
+    are mapped from)."""
     sources = src_plan.sources if src_plan is not None else [e.tensor for e in entries]
     wire_all = src_plan.wire if src_plan is not None else [e.dtype for e in entries]
     bucket = opts["bucket_size"] or _auto_bucket(sum(e.nbytes for e in entries))
@@ -525,13 +526,13 @@ def _plan_src(entries: list[Entry], rep: list[int], rep_entries: list[Entry], sh
     rep_args = dict(bucket_size=bucket, direct_min=direct_min, wire=[wire_all[i] for i in rep], align=align)
     rep_sources = [sources[i] for i in rep]
     facts = memory_facts(rep_sources)
+    shd_facts = memory_facts([sources[i] for i in shd]) if shd else []
     read_mapped, mapped_bytes = opts["read_mapped"], 0
     if read_mapped or (read_mapped is None and device.type != "cpu"):
         # Tensors mapped from files (from_pretrained's model, or its state_dict() passed as
         # state_dict=): read from the files (see source.file_backed). By default onto devices only:
         # on one H100 src's fill ran 1.3-1.9x faster so; on a 2-core VM copying out of the mapping
         # was the faster.
-        shd_facts = memory_facts([sources[i] for i in shd]) if shd else []
         mapped = file_backed(facts + shd_facts, [e.shape for e in rep_entries] + [entries[i].shape for i in shd])
         if any(m is not None for m in mapped):
             sources = list(sources)
@@ -544,6 +545,7 @@ def _plan_src(entries: list[Entry], rep: list[int], rep_entries: list[Entry], sh
                     facts[k] = None
                 else:
                     sources[shd[k - len(rep)]] = m
+                    shd_facts[k - len(rep)] = None
     layout = plan(rep_entries, sources=rep_sources, facts=facts, **rep_args)
     if layout.main_total > _main_estimate(entries, rep, [], [], align):
         # Runs of src's memory keep the gaps between its tensors (malloc's headers: ~40% more bytes
@@ -554,7 +556,7 @@ def _plan_src(entries: list[Entry], rep: list[int], rep_entries: list[Entry], sh
     if shd:  # each scatter moves `world` pieces: keep src's staging near a bucket
         shd_layout = plan(slots, direct_min=direct_min, bucket_size=max(bucket // world, 1 << 20),
                           wire=[wire_all[i] for i in shd], align=align)
-    return sources, rep_sources, wire_all, facts, layout, shd_layout, mapped_bytes
+    return sources, rep_sources, wire_all, facts, shd_facts, layout, shd_layout, mapped_bytes
 
 
 def _missing_hints(module: nn.Module, missing: list[str], *, sharded: bool) -> str:

@@ -249,9 +249,10 @@ def local_sources(source, e: Entry, geo: Geometry, *, read_threads: int = 4) -> 
 
 
 def rank_packers(sources: list, entries: list[Entry], geos: list[Geometry], layout: Layout, *,
-                 read_threads: int = 4) -> RankPackers:
-    """src's packer of each group rank's bytes of the shard space (`layout`), window by window."""
-    return RankPackers(sources, entries, geos, layout, read_threads=read_threads)
+                 read_threads: int = 4, facts: list | None = None) -> RankPackers:
+    """src's packer of each group rank's bytes of the shard space (`layout`), window by window
+    (`facts`: `memory_facts(sources)` where the caller has them)."""
+    return RankPackers(sources, entries, geos, layout, read_threads=read_threads, facts=facts)
 
 
 class RankPackers:
@@ -270,13 +271,13 @@ class RankPackers:
     WINDOW = 128
 
     def __init__(self, sources: list, entries: list[Entry], geos: list[Geometry], layout: Layout, *,
-                 read_threads: int = 4):
+                 read_threads: int = 4, facts: list | None = None):
         from .layout import memory_facts
 
         self.sources, self.geos, self.layout, self.read_threads = sources, geos, layout, read_threads
         self.world = len(geos[0].boxes) if geos else 0
         wire = layout.wire_dtype
-        self.facts = facts = memory_facts(sources)
+        self.facts = facts = memory_facts(sources) if facts is None else facts
         self.odd: dict[int, list] = {}  # entry -> its per-rank sources from `local_sources`
         for i, (s, g) in enumerate(zip(sources, geos)):
             f = facts[i]

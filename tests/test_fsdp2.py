@@ -118,7 +118,7 @@ def compare_sharded(model, ref, rank, world, *, forward=None, device="cpu", alig
 
 
 def _hf_fsdp2_worker(rank, world, cases, source_kind, bucket_size=None):
-    from fsdp_fastload import api, materialize
+    from fsdp_fastload import api, materialize, ops
 
     mesh = _mesh(world)
     out = {}
@@ -133,12 +133,26 @@ def _hf_fsdp2_worker(rank, world, cases, source_kind, bucket_size=None):
             sd = dict(models.load_reference(path).state_dict())
         else:
             sd = path
-        materialize(model, "cpu", state_dict=sd, poison=True, verify=True, bucket_size=bucket_size,
-                    read_mapped=source_kind == "mapped")
+        read = [0]  # bytes src's reads took from files (its packers, not only its plan, use the files)
+        real_read = ops.read_ranges
+
+        def counted(path, dst, file_offsets, dst_offsets, lengths, **kw):
+            read[0] += sum(lengths)
+            return real_read(path, dst, file_offsets, dst_offsets, lengths, **kw)
+
+        ops.read_ranges = counted
+        try:
+            materialize(model, "cpu", state_dict=sd, poison=True, verify=True, bucket_size=bucket_size,
+                        read_mapped=source_kind == "mapped")
+        finally:
+            ops.read_ranges = real_read
         out[name] = compare_sharded(model, ref, rank, world,
                                     forward=lambda m: models.logits(m, models.example_inputs(m)))
-        if rank == 0 and source_kind == "mapped" and not api.last_stats["read_from_mapped_files"]:
+        mapped = api.last_stats["read_from_mapped_files"]
+        if rank == 0 and source_kind == "mapped" and not mapped:
             out[name].append("read_mapped=True read nothing from the files the state dict is mapped from")
+        if rank == 0 and read[0] < mapped:
+            out[name].append(f"src planned {mapped} bytes from the mapped files but read {read[0]} from files")
     return out
 
 
