@@ -403,8 +403,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
                 packer = make_packer(rep_sources, layout, read_threads=opts["read_threads"], facts=facts,
                                      names=[e.names[0] for e in rep_entries], numels=[e.numel for e in rep_entries])
             if shd:
-                packers = shard.rank_packers([sources[i] for i in shd], shd_entries, geos, shd_layout, facts=shd_facts,
-                                             read_threads=opts["read_threads"])
+                packers = shard.rank_packers([sources[i] for i in shd], shd_entries, geos, shd_layout,
+                                             facts=shd_facts, read_threads=opts["read_threads"])
         except Exception as e:  # noqa: BLE001  (src's own failure: every rank raises it after the fill)
             degraded.fail(_preparing_failed(e))
     if degraded.problem is not None:
