@@ -85,13 +85,14 @@ class RssSampler:
             time.sleep(self.interval)
 
     def stop(self) -> int:
+        """The peak; ends the measurement (the thread, and the statm descriptor: one sampler per call)."""
         if self.how == "kernel":
-            self.peak = max(self.peak, self._hwm() or 0, self.rss())
-            return self.peak
+            self.peak = max(self.peak, self._hwm() or 0)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         self.peak = max(self.peak, self.rss())
+        os.close(self.fd)
         return self.peak
 
 
