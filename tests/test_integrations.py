@@ -1,5 +1,5 @@
-"""Training frameworks on real gloo ranks: accelerate's FSDP2 path (`integrations.accelerate.enable()`),
-DDP (`init_sync=False`) and FSDP1 (`sync_module_states=False`) after `materialize`.
+"""Training frameworks on real gloo ranks: accelerate's FSDP2 path (`integrations.accelerate.enable()`)
+and the HF Trainer over it, DDP (`init_sync=False`) and FSDP1 (`sync_module_states=False`) after `materialize`.
 
 Every run starts from a tiny transformers checkpoint: rank 0 loads it with `from_pretrained`, the
 other ranks build the architecture on `meta`. The reference is the same training steps in a single
@@ -231,6 +231,80 @@ def test_accelerate_mixed_precision_and_cpu_offload_match_accelerates_own_loader
             assert ours[rank]["materialized"][0] == ours[rank]["materialized"][1], flow
             assert ours[rank]["losses"] == stock[rank]["losses"], \
                 f"{flow} rank {rank}: {ours[rank]['losses']} vs {stock[rank]['losses']}"
+
+
+def _trainer_worker(rank, world, path, flow):
+    """The HF Trainer's own FSDP2 path (`TrainingArguments(fsdp=..., fsdp_config={"fsdp_version": 2,
+    "cpu_ram_efficient_loading": True})`): the Trainer builds its Accelerator, prepares the model,
+    creates the optimizer afterwards, shards the data and trains. `flow`: "single" (world 1, no FSDP:
+    the reference), "fastload" (enable(); rank != 0 on meta) or "fastload_loaded" (enable(); every
+    rank loaded the checkpoint, as `from_pretrained` on every rank gives under transformers 5.24).
+    Every sample is the same sequence and gradient clipping is off, so the sharded run's losses and
+    weights are the single process's bit for bit (module docstring; a clipping norm summed over
+    shards would round differently)."""
+    import hashlib
+    import tempfile
+
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+    from torch.distributed.tensor import DTensor
+    from transformers import Trainer, TrainingArguments
+
+    import fsdp_fastload.integrations.accelerate as fastload_accelerate
+    from fsdp_fastload import api
+
+    fsdp = {}
+    if flow != "single":
+        fastload_accelerate.enable()
+        fsdp = dict(fsdp="full_shard auto_wrap", fsdp_config={
+            "fsdp_version": 2, "cpu_ram_efficient_loading": True,
+            "transformer_layer_cls_to_wrap": [_LAYER[models.spec_for(path).family]]})
+        # the one change to the Trainer's path: accelerate picks FSDP only for GPU-like devices
+        init = AcceleratorState.__init__
+
+        def fsdp_on_cpu(self, *a, fsdp_plugin=None, **k):
+            init(self, *a, fsdp_plugin=fsdp_plugin, **k)
+            if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+                self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+        AcceleratorState.__init__ = fsdp_on_cpu
+    model = _load(rank, path, every_rank=flow != "fastload")
+    ids = models.example_inputs(models.load_reference(path))["input_ids"][0]
+    data = [{"input_ids": ids, "labels": ids}] * 4
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=2, max_steps=STEPS, learning_rate=1e-2, weight_decay=0.1,
+            lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, seed=0, report_to=[], logging_steps=1,
+            save_strategy="no", dataloader_num_workers=0, **fsdp)
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+    fastload_accelerate.disable()
+    params = dict(trainer.model.named_parameters())
+    full = {n.replace("_checkpoint_wrapped_module.", ""): (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+            for n, p in params.items()}
+    digest = hashlib.sha256()
+    for n in sorted(full):
+        digest.update(n.encode() + full[n].contiguous().view(torch.uint8).numpy().tobytes())
+    return {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "sharded": sum(isinstance(p, DTensor) for p in params.values()), "params": len(params),
+            "materialized": api.last_stats.get("tensors") if flow != "single" else None,
+            "weights": digest.hexdigest()}
+
+
+def test_hf_trainer_fsdp2_enable_matches_single_process(ckpts):
+    """enable(), then the HF Trainer itself with FSDP2 on 2 CPU ranks (tied embeddings): materialize
+    loads the model, every parameter is an FSDP2 shard, and the loss curve and the trained weights
+    equal a single-process Trainer's, bit for bit; with rank 1 on meta and with every rank loaded."""
+    path = ckpts["qwen2_tied"]
+    (want,) = run_ranks(_trainer_worker, 1, path, "single", timeout=300)
+    assert len(want["losses"]) == STEPS
+    for flow in ("fastload", "fastload_loaded"):
+        for rank, res in enumerate(run_ranks(_trainer_worker, 2, path, flow, timeout=300)):
+            where = f"{flow}, rank {rank}"
+            assert res["sharded"] == res["params"] > 0, f"{where}: {res['sharded']} of {res['params']} sharded"
+            assert res["materialized"], f"{where}: the Trainer's load did not go through materialize"
+            assert res["losses"] == want["losses"], f"{where}: {res['losses']} != {want['losses']}"
+            assert res["weights"] == want["weights"], f"{where}: trained weights differ from the single process's"
 
 
 def test_enable_disable_patch_and_restore_accelerate():
