@@ -634,14 +634,21 @@ def match(entries, source: dict, *, strict: bool,
             if v is not None:
                 used.add(key)
         else:
-            key = next((n for n in names if n in source), None)
+            present = [n for n in names if n in source]
+            key = present[0] if present else None
             v = None if key is None else source[key]
-            used.update(n for n in names if n in source)
+            used.update(present)
+            if len(present) > 1 and (conflict := _tie_conflict(present, source, e.dtype)):
+                problems.append(conflict)
+                continue
         if v is None:  # the names without wrapper segments?
-            plain = [c for c in map(unwrapped_name, names) if c in source]
+            plain = [c for c in dict.fromkeys(map(unwrapped_name, names)) if c in source]
             if plain:
                 key, v = plain[0], source[plain[0]]
                 used.update(plain)
+                if len(plain) > 1 and (conflict := _tie_conflict(plain, source, e.dtype)):
+                    problems.append(conflict)
+                    continue
         if v is None:
             if e.persistent and not (unsaved and any(n in unsaved or unwrapped_name(n) in unsaved for n in names)):
                 missing.append(e.names[0])
@@ -689,6 +696,49 @@ def match(entries, source: dict, *, strict: bool,
         error.missing = missing
         return None, error
     return Plan(sources=sources, wire=wire, unexpected=unexpected), None
+
+
+def _same_bytes(a, b) -> bool:
+    """Whether two checkpoint values are one span of one file, or one tensor's memory (no read)."""
+    if isinstance(a, FileTensor) and isinstance(b, FileTensor):
+        return (a.path, a.offset, a.nbytes, a.dtype, a.shape) == (b.path, b.offset, b.nbytes, b.dtype, b.shape)
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return (a is b or (a.device == b.device and not a.is_meta and a.data_ptr() == b.data_ptr()
+                           and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()))
+    return False
+
+
+def _tie_conflict(present: list[str], source: dict, dtype: torch.dtype) -> str | None:
+    """The error when the checkpoint holds different values under names of one tied tensor.
+
+    transformers' `from_pretrained` compares them too (`torch.equal`) and unties such a pair, with a
+    warning that the config is wrong; here the skeleton's tie decides what every rank holds, so
+    taking one of the values would silently differ from it: an error instead, naming the keys. Equal
+    values (a tied model's own `state_dict()`, a `.bin` checkpoint's shared storage) load as one.
+    Values that only src's conversion makes (fused experts) are not compared."""
+    first = source[present[0]]
+    for other in present[1:]:
+        second = source[other]
+        if _same_bytes(first, second):
+            continue
+        values = []
+        for v in (first, second):
+            if isinstance(v, FileTensor):
+                from .fill import read_file_tensor  # (fill imports this module)
+
+                v = read_file_tensor(v)
+            if not isinstance(v, torch.Tensor) or v.is_meta or v.layout != torch.strided:
+                return None  # a value this check cannot read; matching reports meta/sparse ones
+            values.append(v)
+        a, b = values
+        if a.shape == b.shape and torch.equal(a.to(device="cpu", dtype=dtype), b.to(device="cpu", dtype=dtype)):
+            continue
+        what = "shapes" if a.shape != b.shape else "values"
+        return (f"the checkpoint holds different {what} for '{present[0]}' and '{other}', which the model ties "
+                "(one tensor). transformers' from_pretrained unties such a pair (its config is wrong for "
+                "this checkpoint): build the model untied on every rank (for transformers, "
+                "config.tie_word_embeddings=False), or leave one of the two keys out of the checkpoint")
+    return None
 
 
 def hf_renamed(module, source: dict, dtypes: dict) -> dict | None:

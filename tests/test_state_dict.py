@@ -186,6 +186,67 @@ def test_bad_keys_raise_on_every_rank(ckpts):
             assert f"this is rank {rank}" in msg
 
 
+def _tie_conflict_worker(rank, world, tied, untied):
+    """`untied`: `tied`'s checkpoint with its own, different `lm_head.weight` while the config still
+    ties it to `model.embed_tokens.weight` (from_pretrained unties such a pair, with a warning)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from fsdp_fastload import MaterializeError, materialize
+
+    f = os.path.join(untied, "model.safetensors")
+    values = load_file(f)
+    same = dict(values, **{"lm_head.weight": values["model.embed_tokens.weight"].clone()})
+    out = {}
+    for name, sd in (("dir", untied), ("file", f), ("mapping", values)):
+        model = models.build_meta(tied)
+        try:
+            materialize(model, "cpu", state_dict=sd if rank == 0 else None)
+            out[name] = "no error"
+        except MaterializeError as e:
+            out[name] = str(e) + ("" if all(t.is_meta for t in model.state_dict().values()) else " | MODEL CHANGED")
+    # equal values under both names (distinct tensors): one tied tensor, as from_pretrained ties them
+    model = models.build_meta(tied)
+    materialize(model, "cpu", state_dict=same if rank == 0 else None)
+    out["equal"] = compare(model, models.load_reference(tied), _hf_forward)
+    # the fix the error names: the skeleton untied, like from_pretrained's model of this checkpoint
+    ref = models.load_reference(untied)
+    config = AutoConfig.from_pretrained(untied)
+    config.tie_word_embeddings = False
+    with torch.device("meta"):
+        model = type(ref)._from_config(config).eval()
+    materialize(model, "cpu", state_dict=untied if rank == 0 else None)
+    out["fixed"] = compare(model, ref, _hf_forward)
+    out["ref_untied"] = ref.lm_head.weight is not ref.model.embed_tokens.weight
+    return out
+
+
+def test_tied_names_with_different_values_raise_on_every_rank(ckpts, tmp_path):
+    """A checkpoint holding different values under two names the model ties: taking either would
+    silently differ from from_pretrained (which unties the pair), so every rank raises naming both,
+    from a directory, a file and a mapping, and the model stays on meta; equal values load tied, and
+    the skeleton built untied loads bit-exact with from_pretrained."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    untied = str(tmp_path / "untied")
+    shutil.copytree(ckpts["qwen2_tied"], untied)
+    f = os.path.join(untied, "model.safetensors")
+    values = load_file(f)
+    values["lm_head.weight"] = values["model.embed_tokens.weight"] * 2
+    save_file(values, f, metadata={"format": "pt"})
+    pattern = (r"rank 0: the checkpoint holds different values for 'model.embed_tokens.weight' and "
+               r"'lm_head.weight', which the model ties \(one tensor\).*config.tie_word_embeddings=False")
+    for rank, res in enumerate(run_ranks(_tie_conflict_worker, 2, ckpts["qwen2_tied"], untied)):
+        assert res.pop("ref_untied"), "from_pretrained no longer unties such a checkpoint: revisit the error"
+        assert res.pop("equal") == [], f"rank {rank}"
+        assert res.pop("fixed") == [], f"rank {rank}"
+        for name, msg in res.items():
+            assert re.search(pattern, msg) and f"this is rank {rank}" in msg, f"rank {rank} {name}: {msg}"
+            assert "MODEL CHANGED" not in msg, msg
+
+
 # --------------------------------------------------------------------------- non-persistent buffers
 
 class ScaledEmbedding(nn.Embedding):
