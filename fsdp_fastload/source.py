@@ -731,7 +731,8 @@ def _tie_conflict(present: list[str], source: dict, dtype: torch.dtype) -> str |
                 return None  # a value this check cannot read; matching reports meta/sparse ones
             values.append(v)
         a, b = values
-        if a.shape == b.shape and torch.equal(a.to(device="cpu", dtype=dtype), b.to(device="cpu", dtype=dtype)):
+        dev = a.device if a.device == b.device else torch.device("cpu")  # (a GPU mapping compares there)
+        if a.shape == b.shape and torch.equal(a.to(device=dev, dtype=dtype), b.to(device=dev, dtype=dtype)):
             continue
         what = "shapes" if a.shape != b.shape else "values"
         return (f"the checkpoint holds different {what} for '{present[0]}' and '{other}', which the model ties "
