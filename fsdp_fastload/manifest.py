@@ -337,7 +337,9 @@ def first_difference(ref: list[tuple], ref_rank: int, other: list[tuple], other_
                 return (f"'{name}' is tied to {sorted(set(d[0]) - {name}) or 'nothing'} on rank {ref_rank} "
                         f"but to {sorted(set(o[0]) - {name}) or 'nothing'} on rank {other_rank} (a model "
                         "built under accelerate's init_empty_weights() loses its ties until model.tie_weights() "
-                        "is called)")
+                        "is called; transformers' from_pretrained unties them when its checkpoint holds "
+                        "different values under both names: then build the other ranks' models untied too, "
+                        "e.g. config.tie_word_embeddings=False)")
     for d in other:
         for name in d[0]:
             if name not in ref_by_name:

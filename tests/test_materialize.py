@@ -331,7 +331,8 @@ def _error_cases(rank):
                   r"'1.weight' has shape \(3, 4\) on rank 0 but \(5, 4\) on rank 1"),
         "tie": (tie, {}, r"'a.weight' is tied to \['b.weight', 'c.inner.weight'\] on rank 0 but to "
                          r"\['c.inner.weight'\] on rank 1 \(a model built under accelerate's init_empty_weights\(\) "
-                         r"loses its ties until model.tie_weights\(\) is called\)"),
+                         r"loses its ties until model.tie_weights\(\) is called; transformers' from_pretrained "
+                         r"unties them when its checkpoint holds different values .*tie_word_embeddings=False\)"),
         "persistence": (persist, {}, r"buffer 'table' is persistent on rank 0 but non-persistent on rank 1"),
         "src_meta": (lambda r: lin()(1), {}, r"rank 0: src holds 4 tensor\(s\) on the meta device.*load the model on src"),
         "subclass": (odd, {}, r"rank 0: not supported: tensor subclasses \['weight \(_OddParam\)'\]"),
