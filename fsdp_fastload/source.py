@@ -698,11 +698,18 @@ def match(entries, source: dict, *, strict: bool,
     return Plan(sources=sources, wire=wire, unexpected=unexpected), None
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
 def _same_bytes(a, b) -> bool:
     """Whether two checkpoint values are one span of one file, or one tensor's memory (no read)."""
     if isinstance(a, FileTensor) and isinstance(b, FileTensor):
         return (a.path, a.offset, a.nbytes, a.dtype, a.shape) == (b.path, b.offset, b.nbytes, b.dtype, b.shape)
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+    if type(a) in _PLAIN and type(b) in _PLAIN:
         return (a is b or (a.device == b.device and not a.is_meta and a.data_ptr() == b.data_ptr()
                            and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()))
     return False
@@ -727,13 +734,15 @@ def _tie_conflict(present: list[str], source: dict, dtype: torch.dtype) -> str |
                 from .fill import read_file_tensor  # (fill imports this module)
 
                 v = read_file_tensor(v)
-            if not isinstance(v, torch.Tensor) or v.is_meta or v.layout != torch.strided:
-                return None  # a value this check cannot read; matching reports meta/sparse ones
+            if type(v) not in _PLAIN or v.is_meta or v.layout != torch.strided:
+                return None  # a value this check cannot read; matching reports subclasses, meta, sparse
             values.append(v)
         a, b = values
         dev = a.device if a.device == b.device else torch.device("cpu")  # (a GPU mapping compares there)
-        if a.shape == b.shape and torch.equal(a.to(device=dev, dtype=dtype), b.to(device=dev, dtype=dtype)):
-            continue
+        if a.shape == b.shape and (a.dtype == b.dtype or (a.is_floating_point() and b.is_floating_point())):
+            a, b = a.to(device=dev, dtype=dtype), b.to(device=dev, dtype=dtype)
+            if torch.equal(a, b) or torch.equal(_bits(a), _bits(b)):  # (NaNs: equal when their bits are)
+                continue
         what = "shapes" if a.shape != b.shape else "values"
         return (f"the checkpoint holds different {what} for '{present[0]}' and '{other}', which the model ties "
                 "(one tensor). transformers' from_pretrained unties such a pair (its config is wrong for "

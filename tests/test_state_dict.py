@@ -247,6 +247,36 @@ def test_tied_names_with_different_values_raise_on_every_rank(ckpts, tmp_path):
             assert "MODEL CHANGED" not in msg, msg
 
 
+def test_tied_names_compare_by_value_and_bits():
+    """The tie check on its own (no ranks): the same memory or equal values (NaNs with equal bits
+    too) match as one tensor; another shape, other values, or an integer where the model holds floats
+    are named."""
+    from fsdp_fastload.manifest import build_manifest
+    from fsdp_fastload.source import match
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)
+            self.b.weight = self.a.weight
+
+    with torch.device("meta"):
+        entries = build_manifest(Tied())
+    w = torch.randn(3, 3)
+    nan = torch.full((3, 3), float("nan"))
+    ok = {"view": w.view(3, 3), "clone": w.clone(), "nan": nan.clone()}
+    for name, second in ok.items():
+        first = nan if name == "nan" else w
+        plan, error = match(entries, {"a.weight": first, "b.weight": second}, strict=True)
+        assert error is None and plan is not None, f"{name}: {error}"
+    bad = {"values": (w, w * 2, "values"), "shape": (w, w.reshape(9), "shapes"),
+           "int": (torch.ones(3, 3), torch.ones(3, 3, dtype=torch.int64), "values")}
+    for name, (first, second, what) in bad.items():
+        plan, error = match(entries, {"a.weight": first, "b.weight": second}, strict=True)
+        assert plan is None and re.search(rf"different {what} for 'a.weight' and 'b.weight', which the model "
+                                          r"ties", error), f"{name}: {error}"
+
+
 # --------------------------------------------------------------------------- non-persistent buffers
 
 class ScaledEmbedding(nn.Embedding):
