@@ -233,12 +233,14 @@ def test_accelerate_mixed_precision_and_cpu_offload_match_accelerates_own_loader
                 f"{flow} rank {rank}: {ours[rank]['losses']} vs {stock[rank]['losses']}"
 
 
-def _trainer_worker(rank, world, path, flow):
+def _trainer_worker(rank, world, path, flow, bf16=False):
     """The HF Trainer's own FSDP2 path (`TrainingArguments(fsdp=..., fsdp_config={"fsdp_version": 2,
     "cpu_ram_efficient_loading": True})`): the Trainer builds its Accelerator, prepares the model,
     creates the optimizer afterwards, shards the data and trains. `flow`: "single" (world 1, no FSDP:
-    the reference), "fastload" (enable(); rank != 0 on meta) or "fastload_loaded" (enable(); every
-    rank loaded the checkpoint, as `from_pretrained` on every rank gives under transformers 5.24).
+    the reference), "stock" (accelerate's own loader, every rank loaded), "fastload" (enable(); rank
+    != 0 on meta) or "fastload_loaded" (enable(); every rank loaded the checkpoint, as `from_pretrained`
+    on every rank gives under transformers 5.24). `bf16`: bf16 mixed precision and gradient
+    checkpointing (compared with "stock": FSDP2's mixed precision computes unlike a single process).
     Every sample is the same sequence and gradient clipping is off, so the sharded run's losses and
     weights are the single process's bit for bit (module docstring; a clipping norm summed over
     shards would round differently)."""
@@ -255,7 +257,8 @@ def _trainer_worker(rank, world, path, flow):
 
     fsdp = {}
     if flow != "single":
-        fastload_accelerate.enable()
+        if flow != "stock":
+            fastload_accelerate.enable()
         fsdp = dict(fsdp="full_shard auto_wrap", fsdp_config={
             "fsdp_version": 2, "cpu_ram_efficient_loading": True,
             "transformer_layer_cls_to_wrap": [_LAYER[models.spec_for(path).family]]})
@@ -275,7 +278,7 @@ def _trainer_worker(rank, world, path, flow):
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=2, max_steps=STEPS, learning_rate=1e-2, weight_decay=0.1,
             lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, seed=0, report_to=[], logging_steps=1,
-            save_strategy="no", dataloader_num_workers=0, **fsdp)
+            save_strategy="no", dataloader_num_workers=0, bf16=bf16, gradient_checkpointing=bf16, **fsdp)
         trainer = Trainer(model=model, args=args, train_dataset=data)
         trainer.train()
     fastload_accelerate.disable()
@@ -287,19 +290,23 @@ def _trainer_worker(rank, world, path, flow):
         digest.update(n.encode() + full[n].contiguous().view(torch.uint8).numpy().tobytes())
     return {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
             "sharded": sum(isinstance(p, DTensor) for p in params.values()), "params": len(params),
-            "materialized": api.last_stats.get("tensors") if flow != "single" else None,
+            "materialized": api.last_stats.get("tensors") if flow.startswith("fastload") else None,
             "weights": digest.hexdigest()}
 
 
-def test_hf_trainer_fsdp2_enable_matches_single_process(ckpts):
-    """enable(), then the HF Trainer itself with FSDP2 on 2 CPU ranks (tied embeddings): materialize
-    loads the model, every parameter is an FSDP2 shard, and the loss curve and the trained weights
-    equal a single-process Trainer's, bit for bit; with rank 1 on meta and with every rank loaded."""
-    path = ckpts["qwen2_tied"]
-    (want,) = run_ranks(_trainer_worker, 1, path, "single", timeout=300)
-    assert len(want["losses"]) == STEPS
-    for flow in ("fastload", "fastload_loaded"):
-        for rank, res in enumerate(run_ranks(_trainer_worker, 2, path, flow, timeout=300)):
+@pytest.mark.parametrize("case,bf16", [("qwen2_tied", False), ("llama_bf16", True)])
+def test_hf_trainer_fsdp2_enable_matches_single_process(ckpts, case, bf16):
+    """enable(), then the HF Trainer itself with FSDP2 on 2 CPU ranks: materialize loads the model,
+    every parameter is an FSDP2 shard, and the loss curve and the trained weights equal a
+    single-process Trainer's, bit for bit, with rank 1 on meta and with every rank loaded (tied
+    embeddings); with bf16 mixed precision and gradient checkpointing, those of the Trainer with
+    accelerate's own loader."""
+    path = ckpts[case]
+    flows = ("fastload",) if bf16 else ("fastload", "fastload_loaded")
+    (want, *_) = run_ranks(_trainer_worker, 2 if bf16 else 1, path, "stock" if bf16 else "single", bf16, timeout=300)
+    assert len(want["losses"]) == STEPS and (not bf16 or want["sharded"] == want["params"] > 0)
+    for flow in flows:
+        for rank, res in enumerate(run_ranks(_trainer_worker, 2, path, flow, bf16, timeout=300)):
             where = f"{flow}, rank {rank}"
             assert res["sharded"] == res["params"] > 0, f"{where}: {res['sharded']} of {res['params']} sharded"
             assert res["materialized"], f"{where}: the Trainer's load did not go through materialize"
