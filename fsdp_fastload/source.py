@@ -723,21 +723,24 @@ def _tie_conflict(present: list[str], source: dict, dtype: torch.dtype) -> str |
     taking one of the values would silently differ from it: an error instead, naming the keys. Equal
     values (a tied model's own `state_dict()`, a `.bin` checkpoint's shared storage) load as one.
     Values that only src's conversion makes (fused experts) are not compared."""
-    first = source[present[0]]
+    def value(v):
+        if isinstance(v, FileTensor):
+            from .fill import read_file_tensor  # (fill imports this module)
+
+            v = read_file_tensor(v)
+        # None: a value this check cannot read (matching reports subclasses, meta, sparse ones)
+        return v if type(v) in _PLAIN and not v.is_meta and v.layout == torch.strided else None
+
+    first, first_value = source[present[0]], None
     for other in present[1:]:
         second = source[other]
         if _same_bytes(first, second):
             continue
-        values = []
-        for v in (first, second):
-            if isinstance(v, FileTensor):
-                from .fill import read_file_tensor  # (fill imports this module)
-
-                v = read_file_tensor(v)
-            if type(v) not in _PLAIN or v.is_meta or v.layout != torch.strided:
-                return None  # a value this check cannot read; matching reports subclasses, meta, sparse
-            values.append(v)
-        a, b = values
+        if first_value is None:
+            first_value = value(first)  # (read once for a group of several names)
+        a, b = first_value, value(second)
+        if a is None or b is None:
+            return None
         dev = a.device if a.device == b.device else torch.device("cpu")  # (a GPU mapping compares there)
         if a.shape == b.shape and (a.dtype == b.dtype or (a.is_floating_point() and b.is_floating_point())):
             a, b = a.to(device=dev, dtype=dtype), b.to(device=dev, dtype=dtype)
