@@ -241,7 +241,7 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
             _warn_own_load_logic(module)
         if src_plan is not None and src_plan.unexpected:
             warnings.warn(f"fsdp_fastload.materialize: {len(src_plan.unexpected)} checkpoint key(s) not "
-                          f"in the model were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
+                          f"in the model's state_dict() were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
     if error is None and is_src and extra_mods and state_dict is None:
         try:  # src's own modules' extra state, for the receivers
             extra_values = {path: m.get_extra_state() for path, m in extra_mods}

@@ -626,6 +626,7 @@ def match(entries, source: dict, *, strict: bool,
     when the checkpoint lacks them."""
     sources, wire, missing, problems = [], [], [], []
     used: set[str] = set()
+    everything, source = source, _without_file_values_of_non_persistent(entries, source)
     for e in entries:
         names = e.names
         if len(names) == 1:  # (most entries: no generator)
@@ -677,7 +678,7 @@ def match(entries, source: dict, *, strict: bool,
             continue
         sources.append(v)
         wire.append(v.dtype if v.dtype.itemsize < e.dtype.itemsize else e.dtype)
-    unexpected = sorted(k for k in source if k not in used)
+    unexpected = sorted(k for k in everything if k not in used)
     if missing:
         hint = ""
         if unexpected:
@@ -696,6 +697,18 @@ def match(entries, source: dict, *, strict: bool,
         error.missing = missing
         return None, error
     return Plan(sources=sources, wire=wire, unexpected=unexpected), None
+
+
+def _without_file_values_of_non_persistent(entries, source: dict) -> dict:
+    """`source` without the checkpoint *file* values named like a non-persistent buffer (written by
+    an older version of the model, e.g. rounded rotary `inv_freq`): `from_pretrained` and
+    `load_state_dict` never load one (it is not in `state_dict()`), so it stays an unexpected key
+    and the buffer is recomputed. A mapping's value is used: how a src hands over buffers it
+    computed itself (the accelerate integration does)."""
+    names = {n for e in entries if not e.persistent for n in e.names}
+    names |= {unwrapped_name(n) for n in names}
+    dropped = {n for n in names if type(source.get(n)) is FileTensor}
+    return {k: v for k, v in source.items() if k not in dropped} if dropped else source
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
