@@ -64,10 +64,12 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
        index), else from ``module`` itself (real tensors, mmap-backed is fine). Every other rank
        passes ``state_dict=None`` and a ``module`` of the same architecture, usually on ``meta``.
     2. Afterwards, on every rank: every parameter and buffer is on ``device`` and bit-identical to
-       what single-process loading gives; ties are one object under every name; ``nn.Parameter``
+       what single-process loading gives; ties are one object under every name (a checkpoint with
+       different values under two tied names is an error: ``from_pretrained`` would untie them); ``nn.Parameter``
        kept, ``requires_grad`` as on src; the module's dtypes win over the checkpoint's; each tensor
        keeps its skeleton's layout (strides); modules' extra state (``get_extra_state``) comes from src.
-    3. Non-persistent buffers come from src when it has them; otherwise every rank recomputes them
+    3. Non-persistent buffers come from src when its model or mapping has them (a checkpoint file's
+       values for them are ignored, as ``from_pretrained`` ignores them); otherwise every rank recomputes them
        locally (transformers ``_init_weights``, the module's ``reset_parameters``/``init_weights``,
        or ``buffer_init``) without touching anything loaded. A buffer nobody wrote is an error.
     4. Ranks whose models differ, or any rank with a bad argument, raise ``MaterializeError`` on
