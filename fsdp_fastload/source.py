@@ -639,17 +639,15 @@ def match(entries, source: dict, *, strict: bool,
             key = present[0] if present else None
             v = None if key is None else source[key]
             used.update(present)
-            if len(present) > 1 and (conflict := _tie_conflict(present, source, e.dtype)):
-                problems.append(conflict)
-                continue
         if v is None:  # the names without wrapper segments?
             plain = [c for c in dict.fromkeys(map(unwrapped_name, names)) if c in source]
             if plain:
-                key, v = plain[0], source[plain[0]]
+                key, v, present = plain[0], source[plain[0]], plain
                 used.update(plain)
-                if len(plain) > 1 and (conflict := _tie_conflict(plain, source, e.dtype)):
-                    problems.append(conflict)
-                    continue
+        if v is not None and len(names) > 1 and len(present) > 1 and (
+                conflict := _tie_conflict(present, source, e.dtype)):
+            problems.append(conflict)
+            continue
         if v is None:
             if e.persistent and not (unsaved and any(n in unsaved or unwrapped_name(n) in unsaved for n in names)):
                 missing.append(e.names[0])
