@@ -112,7 +112,7 @@ def materialize(module: nn.Module, device: torch.device | str | None = None, *, 
         >>> model.weight.device
         device(type='cpu')
     """
-    with _gc_paused():
+    with _gc_paused(), _host_default_device():
         return _materialize(module, device, src=src, group=group, state_dict=state_dict, verify=verify,
                             opts={**_TUNING, **tuning}, bad_options=_bad_options(tuning))
 
@@ -156,6 +156,21 @@ def _gc_paused():
     finally:
         if enabled:
             gc.enable()
+
+
+@contextlib.contextmanager
+def _host_default_device():
+    """The CPU as the default device for the call when the caller's is another: a call made inside
+    the `with torch.device("meta"):` block that built the skeleton, or after
+    `torch.set_default_device(...)`, would otherwise make this library's own host tensors (the
+    agreement's, the reads', recomputed buffers' scratch) on `meta` or a GPU. Nothing is entered in
+    the common case: a device mode costs ~1 us on every torch call."""
+    get = getattr(torch, "get_default_device", None)  # (torch >= 2.3)
+    if get is None or get().type == "cpu":
+        yield
+        return
+    with torch.device("cpu"):
+        yield
 
 
 def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_options=None) -> nn.Module:

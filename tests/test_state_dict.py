@@ -292,6 +292,36 @@ def test_checkpoint_values_of_non_persistent_buffers_are_ignored(ckpts, tmp_path
         assert res["mapping"]["warned"] == []
 
 
+def _default_device_worker(rank, world, path):
+    from fsdp_fastload import materialize
+
+    out = {}
+    for how in ("context", "global"):
+        for flow in ("model", "checkpoint"):
+            model = models.load_reference(path) if flow == "model" and rank == 0 else models.build_meta(path)
+            sd = path if flow == "checkpoint" and rank == 0 else None
+            if how == "context":  # called inside the block that built the skeleton
+                with torch.device("meta"):
+                    materialize(model, "cpu", state_dict=sd)
+            else:
+                torch.set_default_device("meta")
+                try:
+                    materialize(model, "cpu", state_dict=sd)
+                finally:
+                    torch.set_default_device(None)
+            out[f"{how} {flow}"] = compare(model, models.load_reference(path), _hf_forward)
+    return out
+
+
+def test_called_where_the_default_device_is_meta(ckpts):
+    """materialize called inside `with torch.device("meta"):` (the block that built the skeleton) or
+    after `torch.set_default_device("meta")`: its own host tensors stay on the CPU, and the load is
+    bit-exact (it raised "Cannot copy out of meta tensor")."""
+    for rank, res in enumerate(run_ranks(_default_device_worker, 2, ckpts["llama"])):
+        for name, diff in res.items():
+            assert diff == [], f"rank {rank} {name}: {diff}"
+
+
 def test_tied_names_compare_by_value_and_bits():
     """The tie check on its own (no ranks): the same memory or equal values (NaNs with equal bits
     too) match as one tensor; another shape, other values, or an integer where the model holds floats
