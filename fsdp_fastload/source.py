@@ -718,8 +718,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _same_bytes(a, b) -> bool:
     """Whether two checkpoint values are one span of one file, or one tensor's memory (no read)."""
-    if isinstance(a, FileTensor) and isinstance(b, FileTensor):
-        return (a.path, a.offset, a.nbytes, a.dtype, a.shape) == (b.path, b.offset, b.nbytes, b.dtype, b.shape)
+    if isinstance(a, FileTensor):
+        return a == b  # (FileTensor's own equality: the same span of the same file, as read)
     if type(a) in _PLAIN and type(b) in _PLAIN:
         return (a is b or (a.device == b.device and not a.is_meta and a.data_ptr() == b.data_ptr()
                            and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()))
