@@ -311,7 +311,7 @@ def test_hf_trainer_fsdp2_enable_matches_single_process(ckpts, case, bf16):
             assert res["sharded"] == res["params"] > 0, f"{where}: {res['sharded']} of {res['params']} sharded"
             assert res["materialized"], f"{where}: the Trainer's load did not go through materialize"
             assert res["losses"] == want["losses"], f"{where}: {res['losses']} != {want['losses']}"
-            assert res["weights"] == want["weights"], f"{where}: trained weights differ from the single process's"
+            assert res["weights"] == want["weights"], f"{where}: trained weights differ from the reference's"
 
 
 def test_enable_disable_patch_and_restore_accelerate():
