@@ -25,6 +25,7 @@ _DTYPES: tuple[torch.dtype, ...] = (
     torch.float8_e5m2, torch.float8_e4m3fn,
     torch.float8_e5m2fnuz, torch.float8_e4m3fnuz,
     torch.uint16, torch.uint32, torch.uint64,
+    torch.float8_e8m0fnu, torch.float4_e2m1fn_x2,  # (MX scales; two float4 values a byte)
 )
 DTYPE_CODE: dict[torch.dtype, int] = {d: i for i, d in enumerate(_DTYPES)}
 

@@ -26,8 +26,12 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "C64": torch.complex64,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "F8_E8M0": torch.float8_e8m0fnu,
+    "F4": torch.float4_e2m1fn_x2,  # two values a byte: the header counts values, torch bytes (see below)
 }
-_DTYPES_ITEMSIZE = {k: (v, v.itemsize) for k, v in SAFETENSORS_DTYPES.items()}
+# itemsize 0 marks F4: the header's shape counts float4 values, torch's float4_e2m1fn_x2 counts bytes
+# (pairs), so its last dimension is halved, as the safetensors library does
+_DTYPES_ITEMSIZE = {k: (v, 0 if k == "F4" else v.itemsize) for k, v in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 << 20  # safetensors' own limit
 
 
@@ -198,6 +202,11 @@ def _parse_header(path: str, file: OpenFile) -> dict[str, FileTensor]:
                 numel *= s
         if numel < 0:
             raise CheckpointError(f"{where(path, name)}: shape {shape!r} is not a list of non-negative integers")
+        if not itemsize:  # F4
+            if not shape or shape[-1] % 2:
+                raise CheckpointError(f"{where(path, name)}: F4 (float4) shape {shape} has no even last dimension; "
+                                      "two float4 values share a byte. The file is corrupt.")
+            shape, numel, itemsize = shape[:-1] + [shape[-1] // 2], numel // 2, 1
         if not (type(offs) is list and len(offs) == 2 and type(offs[0]) is int and type(offs[1]) is int):
             raise CheckpointError(f"{where(path, name)}: data_offsets {offs!r} is not [begin, end]")
         begin, end = offs

@@ -417,6 +417,73 @@ def test_unwritten_buffer_is_an_error_naming_it():
         assert still_meta, "a failed call must leave the module as it was"
 
 
+class EveryDtype(nn.Module):
+    """A parameter or buffer in each dtype a safetensors file can hold (FP8 with their AMD FNUZ
+    variants, the MX E8M0 scale, packed float4 pairs, unsigned ints, complex), filled from random
+    bytes (every bit pattern: NaN and inf encodings too), and a float32 `scale`."""
+
+    def __init__(self, values: dict | None = None):
+        super().__init__()
+        from fsdp_fastload.source import SAFETENSORS_DTYPES
+
+        g = torch.Generator().manual_seed(0)
+        for i, dt in enumerate(SAFETENSORS_DTYPES.values()):
+            shape = (3, 2 + i % 3)
+            nbytes = shape[0] * shape[1] * dt.itemsize
+            t = (torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g).view(dt).view(shape)
+                 if values is None else torch.empty(shape, dtype=dt))
+            name = "t_" + str(dt).replace("torch.", "")  # (not `bfloat16`: a Module method)
+            if i % 2:
+                self.register_buffer(name, t)
+            else:
+                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+
+
+def _bytes_of(t):
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _dtype_worker(rank, world, path):
+    from safetensors.torch import load_file
+
+    from fsdp_fastload import materialize
+
+    ref = EveryDtype()
+    out = []
+    for flow in ("dir", "file", "mapping", "model"):
+        if rank == 0 and flow == "model":
+            model = EveryDtype()
+        else:
+            with torch.device("meta"):
+                model = EveryDtype(values={})
+        sd = {"dir": os.path.dirname(path), "file": path, "mapping": load_file(path) if rank == 0 else None,
+              "model": None}[flow]
+        materialize(model, "cpu", state_dict=sd if rank == 0 else None, verify=True, poison=True)
+        for name, want in ref.state_dict().items():
+            got = model.state_dict()[name]
+            if (got.dtype, got.shape) != (want.dtype, want.shape) or not torch.equal(_bytes_of(got), _bytes_of(want)):
+                out.append(f"{flow}: {name} {got.dtype} {tuple(got.shape)} differs")
+    return out
+
+
+def test_every_safetensors_dtype_bit_exact(tmp_path):
+    """Each dtype safetensors writes (F8_E4M3FNUZ, F8_E8M0 and F4 among them; F4's header counts
+    float4 values, torch's dtype their byte pairs) loads bit for bit, from a file, a directory, a
+    mapping and a src model, with checksums on."""
+    from safetensors.torch import load_file, save_file
+
+    path = str(tmp_path / "model.safetensors")
+    ref = EveryDtype()
+    save_file(ref.state_dict(), path)
+    raw = open(path, "rb").read()
+    fp4 = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])["t_float4_e2m1fn_x2"]  # float4 values: 2 a byte
+    assert fp4["dtype"] == "F4" and fp4["shape"] == [3, 2 * ref.t_float4_e2m1fn_x2.shape[1]], fp4
+    assert {k: (v.dtype, v.shape) for k, v in load_file(path).items()} == \
+        {k: (v.dtype, v.shape) for k, v in ref.state_dict().items()}
+    for rank, bad in enumerate(run_ranks(_dtype_worker, 2, path)):
+        assert bad == [], f"rank {rank}: {bad}"
+
+
 # --------------------------------------------------------------------------- file validation
 
 def _write(path, header: dict | bytes, data: bytes = b"", n: int | None = None):
