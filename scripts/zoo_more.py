@@ -254,5 +254,25 @@ MORE = {
     'yolos': ('YolosConfig', dict(hidden_size=32, image_size=[32, 32], intermediate_size=37, num_attention_heads=4,
         num_detection_tokens=3, num_hidden_layers=2, num_labels=3, patch_size=8), 'YolosForObjectDetection', 'pixels'),
 }
+# Newer MoE and hybrid causal LMs (fused or renamed experts with biases, attention sinks, MLA, gated
+# linear attention, short convolutions), from a sweep of the 78 causal LMs of transformers' auto
+# mapping that neither table lists, each built tiny by attribute (2026-11-27): all 78 loaded bit-exact
+# in every flow; these are the ones with structure the tables above lack.
+_MOE = dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            num_experts_per_tok=2)
+MORE.update({
+    'gpt_oss': ('GptOssConfig', dict(_MOE, num_local_experts=4, head_dim=8, sliding_window=16,
+        layer_types=['sliding_attention', 'full_attention']), 'GptOssForCausalLM', 'ids'),
+    'qwen3_next': ('Qwen3NextConfig', dict(_MOE, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        num_experts=4, layer_types=['linear_attention', 'full_attention']), 'Qwen3NextForCausalLM', 'ids'),
+    'deepseek_v2': ('DeepseekV2Config', dict(_MOE, head_dim=8, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=8,
+        n_routed_experts=4, n_shared_experts=1, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=8,
+        moe_intermediate_size=16), 'DeepseekV2ForCausalLM', 'ids'),
+    'minimax_m2': ('MiniMaxM2Config', dict(_MOE, head_dim=8, num_local_experts=4), 'MiniMaxM2ForCausalLM', 'ids'),
+    'glm4_moe': ('Glm4MoeConfig', dict(_MOE, moe_intermediate_size=16, n_routed_experts=4), 'Glm4MoeForCausalLM', 'ids'),
+    'lfm2': ('Lfm2Config', dict(_MOE, layer_types=['conv', 'full_attention']), 'Lfm2ForCausalLM', 'ids'),
+})
 # fully_shard itself refuses these (a scalar parameter, a ModuleList without forward)
 FULLY_SHARD_REFUSES = ('chinese_clip', 'owlvit', 'poolformer', 'pvt')
