@@ -1,4 +1,4 @@
-"""The architecture sweep (`scripts/zoo_check.py`) as a test: ~150 transformers architectures (its own
+"""The architecture sweep (`scripts/zoo_check.py`) as a test: ~160 transformers architectures (its own
 table and `zoo_more.py`), nearly all absent from the other tests (encoder-decoders with shared embeddings,
 ALiBi, Mamba/Mamba2/RWKV/hybrids, Conv1D, vision, detection, audio, dual-tower CLIP, LLaVA, weight-norm
 parametrizations, renamed checkpoint keys, MoE experts that transformers fuses on load, parameters
