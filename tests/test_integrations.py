@@ -233,7 +233,7 @@ def test_accelerate_mixed_precision_and_cpu_offload_match_accelerates_own_loader
                 f"{flow} rank {rank}: {ours[rank]['losses']} vs {stock[rank]['losses']}"
 
 
-def _trainer_worker(rank, world, path, flow, bf16=False):
+def _trainer_worker(rank, world, path, flow, bf16=False, peft=False):
     """The HF Trainer's own FSDP2 path (`TrainingArguments(fsdp=..., fsdp_config={"fsdp_version": 2,
     "cpu_ram_efficient_loading": True})`): the Trainer builds its Accelerator, prepares the model,
     creates the optimizer afterwards, shards the data and trains. `flow`: "single" (world 1, no FSDP:
@@ -243,7 +243,8 @@ def _trainer_worker(rank, world, path, flow, bf16=False):
     checkpointing (compared with "stock": FSDP2's mixed precision computes unlike a single process).
     Every sample is the same sequence and gradient clipping is off, so the sharded run's losses and
     weights are the single process's bit for bit (module docstring; a clipping norm summed over
-    shards would round differently)."""
+    shards would round differently). `peft`: LoRA adapters (PEFT's `get_peft_model`, seeded) on every
+    rank's model before the Trainer sees it, on meta too: the base frozen, the adapters trained."""
     import hashlib
     import tempfile
 
@@ -272,6 +273,12 @@ def _trainer_worker(rank, world, path, flow, bf16=False):
 
         AcceleratorState.__init__ = fsdp_on_cpu
     model = _load(rank, path, every_rank=flow != "fastload")
+    if peft:  # rank 0's seeded adapter values reach the meta ranks through materialize
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(7)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                                 init_lora_weights="gaussian"))
     ids = models.example_inputs(models.load_reference(path))["input_ids"][0]
     data = [{"input_ids": ids, "labels": ids}] * 4
     with tempfile.TemporaryDirectory() as out:
@@ -294,19 +301,22 @@ def _trainer_worker(rank, world, path, flow, bf16=False):
             "weights": digest.hexdigest()}
 
 
-@pytest.mark.parametrize("case,bf16", [("qwen2_tied", False), ("llama_bf16", True)])
-def test_hf_trainer_fsdp2_enable_matches_single_process(ckpts, case, bf16):
+@pytest.mark.parametrize("case,bf16,peft", [("qwen2_tied", False, False), ("llama_bf16", True, False),
+                                            ("llama", False, True)], ids=["qwen2_tied", "llama_bf16", "llama-peft"])
+def test_hf_trainer_fsdp2_enable_matches_single_process(ckpts, case, bf16, peft):
     """enable(), then the HF Trainer itself with FSDP2 on 2 CPU ranks: materialize loads the model,
     every parameter is an FSDP2 shard, and the loss curve and the trained weights equal a
     single-process Trainer's, bit for bit, with rank 1 on meta and with every rank loaded (tied
     embeddings); with bf16 mixed precision and gradient checkpointing, those of the Trainer with
-    accelerate's own loader."""
+    accelerate's own loader. With PEFT's LoRA adapters (frozen base, rank 1's adapters on meta): the
+    single process's too."""
     path = ckpts[case]
-    flows = ("fastload",) if bf16 else ("fastload", "fastload_loaded")
-    (want, *_) = run_ranks(_trainer_worker, 2 if bf16 else 1, path, "stock" if bf16 else "single", bf16, timeout=300)
+    flows = ("fastload",) if bf16 or peft else ("fastload", "fastload_loaded")
+    (want, *_) = run_ranks(_trainer_worker, 2 if bf16 else 1, path, "stock" if bf16 else "single", bf16, peft,
+                           timeout=300)
     assert len(want["losses"]) == STEPS and (not bf16 or want["sharded"] == want["params"] > 0)
     for flow in flows:
-        for rank, res in enumerate(run_ranks(_trainer_worker, 2, path, flow, bf16, timeout=300)):
+        for rank, res in enumerate(run_ranks(_trainer_worker, 2, path, flow, bf16, peft, timeout=300)):
             where = f"{flow}, rank {rank}"
             assert res["sharded"] == res["params"] > 0, f"{where}: {res['sharded']} of {res['params']} sharded"
             assert res["materialized"], f"{where}: the Trainer's load did not go through materialize"
