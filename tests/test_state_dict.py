@@ -420,9 +420,9 @@ def test_unwritten_buffer_is_an_error_naming_it():
 class EveryDtype(nn.Module):
     """A parameter or buffer in each dtype a safetensors file can hold (FP8 with their AMD FNUZ
     variants, the MX E8M0 scale, packed float4 pairs, unsigned ints, complex), filled from random
-    bytes (every bit pattern: NaN and inf encodings too), and a float32 `scale`."""
+    bytes (any bit pattern: NaN and inf encodings too); `empty`: uninitialized (for a meta skeleton)."""
 
-    def __init__(self, values: dict | None = None):
+    def __init__(self, empty: bool = False):
         super().__init__()
         from fsdp_fastload.source import SAFETENSORS_DTYPES
 
@@ -431,7 +431,7 @@ class EveryDtype(nn.Module):
             shape = (3, 2 + i % 3)
             nbytes = shape[0] * shape[1] * dt.itemsize
             t = (torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g).view(dt).view(shape)
-                 if values is None else torch.empty(shape, dtype=dt))
+                 if not empty else torch.empty(shape, dtype=dt))
             name = "t_" + str(dt).replace("torch.", "")  # (not `bfloat16`: a Module method)
             if i % 2:
                 self.register_buffer(name, t)
@@ -455,7 +455,7 @@ def _dtype_worker(rank, world, path):
             model = EveryDtype()
         else:
             with torch.device("meta"):
-                model = EveryDtype(values={})
+                model = EveryDtype(empty=True)
         sd = {"dir": os.path.dirname(path), "file": path, "mapping": load_file(path) if rank == 0 else None,
               "model": None}[flow]
         materialize(model, "cpu", state_dict=sd if rank == 0 else None, verify=True, poison=True)
@@ -475,7 +475,7 @@ def test_every_safetensors_dtype_bit_exact(tmp_path):
     path = str(tmp_path / "model.safetensors")
     ref = EveryDtype()
     save_file(ref.state_dict(), path)
-    raw = open(path, "rb").read()
+    raw = (tmp_path / "model.safetensors").read_bytes()
     fp4 = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])["t_float4_e2m1fn_x2"]  # float4 values: 2 a byte
     assert fp4["dtype"] == "F4" and fp4["shape"] == [3, 2 * ref.t_float4_e2m1fn_x2.shape[1]], fp4
     assert {k: (v.dtype, v.shape) for k, v in load_file(path).items()} == \
