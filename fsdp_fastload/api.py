@@ -24,7 +24,8 @@ from .install import own_buffers
 from .install import prepare as prepare_install
 from .layout import Layout, device_align, memory_facts, plan
 from .manifest import Entry, build_manifest, fingerprint, summary
-from .source import CheckpointError, FileTensor, extra_state_key, file_backed, hf_renamed, match, open_source
+from .source import (CheckpointError, FileTensor, MatchError, extra_state_key, file_backed, hf_renamed, match,
+                     open_source)
 from .verify import verify as _verify
 
 logger = logging.getLogger("fsdp_fastload")
@@ -252,8 +253,16 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
             error = str(e)
         except Exception as e:  # noqa: BLE001  (a mapping that fails to give its values, ...): every rank hears it
             error = f"reading state_dict failed: {_sentence(e)}"
+        own = _own_load_logic(module) if isinstance(error, MatchError) else []
         if error is not None and getattr(error, "missing", None):
             error += _missing_hints(module, error.missing, sharded=bool(shd))
+        if own:  # keys or shapes the module's own load logic would have adapted (an observer resizing
+            # its running min/max, a renaming pre-hook): which modules have some, and the way around
+            error += (f"{'' if error.endswith('.') else '.'} {len(own)} module(s) have their own "
+                      f"load_state_dict logic, which materialize does not run, e.g. {own[:3]}: if it adapts "
+                      "these keys or shapes (a quantization observer resizes its statistics to the checkpoint's, "
+                      "a pre-hook renames keys), give the skeleton the checkpoint's names and shapes on every "
+                      "rank before materialize.")
         if src_plan is not None:
             _warn_own_load_logic(module)
         if src_plan is not None and src_plan.unexpected:
@@ -780,17 +789,17 @@ def _unsaved(module: nn.Module) -> frozenset:
     return frozenset(k for k in keys if isinstance(k, str)) if keys else frozenset()
 
 
-def _warn_own_load_logic(module: nn.Module) -> None:
-    """src reads a checkpoint into a plain module (not a transformers model, whose reference loader,
-    from_pretrained, runs no module load hooks either) that has its own load logic: a class overriding
-    `_load_from_state_dict` (outside torch.nn's own, which only upgrade old checkpoints) or load_state_dict
-    pre-hooks (other than torch's own). materialize installs the checkpoint's tensors as they are; say
-    so, naming the modules."""
+def _own_load_logic(module: nn.Module) -> list[str]:
+    """The submodules ("path (Class)") of a plain module (not a transformers model, whose reference
+    loader, from_pretrained, runs no module load hooks either) with their own load logic: a class
+    overriding `_load_from_state_dict` (outside torch.nn's own, which only upgrade old checkpoints) or
+    load_state_dict pre-hooks (other than torch's own). load_state_dict runs that logic; materialize
+    installs the checkpoint's tensors as they are."""
     if "transformers" in sys.modules:
         from transformers import PreTrainedModel
 
         if isinstance(module, PreTrainedModel):
-            return
+            return []
     base, classes = nn.Module._load_from_state_dict, {}
 
     def overrides(cls) -> bool:  # asked once per class, not per module (~1,600 modules in a deep model)
@@ -805,9 +814,15 @@ def _warn_own_load_logic(module: nn.Module) -> None:
                    for h in m._load_state_dict_pre_hooks.values())
 
     if not any((m._load_state_dict_pre_hooks and hooked(m)) or overrides(type(m)) for m in module.modules()):
-        return
-    own = [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
-           if (m._load_state_dict_pre_hooks and hooked(m)) or overrides(type(m))]
+        return []
+    return [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
+            if (m._load_state_dict_pre_hooks and hooked(m)) or overrides(type(m))]
+
+
+def _warn_own_load_logic(module: nn.Module) -> None:
+    """src reads a checkpoint into a plain module with its own load logic (`_own_load_logic`): say
+    that materialize does not run it, naming the modules."""
+    own = _own_load_logic(module)
     if own:
         warnings.warn(
             f"fsdp_fastload.materialize: {len(own)} module(s) have their own load_state_dict logic "

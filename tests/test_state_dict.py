@@ -839,3 +839,46 @@ def test_modules_with_their_own_load_logic_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         materialize(plain.to("meta"), "cpu", state_dict=sd)
+
+
+class _ResizesOnLoad(nn.Module):
+    """Running statistics that start empty and take the checkpoint's shape when loaded, as torch's
+    per-channel quantization observers do in their own `_load_from_state_dict`."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.register_buffer("running_max", torch.empty(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.running_max.resize_(state_dict[prefix + "running_max"].shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _resizing_worker(rank, world, sd):
+    from fsdp_fastload import MaterializeError, materialize
+
+    model = nn.Sequential(_ResizesOnLoad()).to("meta")
+    try:
+        materialize(model, "cpu", state_dict=sd if rank == 0 else None)
+    except MaterializeError as e:
+        return str(e), model[0].running_max.is_meta
+    return "no error", None
+
+
+def test_shape_errors_name_modules_with_their_own_load_logic():
+    """A shape the module's own load logic would adapt (load_state_dict resizes the buffer; materialize
+    runs no such logic): every rank's error names the tensor, the module with its own logic, and the
+    fix; the model stays on meta."""
+    src = nn.Sequential(_ResizesOnLoad())
+    src[0].running_max = torch.rand(4)
+    sd = src.state_dict()
+    plain = nn.Sequential(_ResizesOnLoad())
+    plain.load_state_dict(sd)  # what the module's own logic does in a single process
+    assert torch.equal(plain[0].running_max, sd["0.running_max"])
+    for rank, (msg, still_meta) in enumerate(run_ranks(_resizing_worker, 2, sd)):
+        assert re.search(r"'0\.running_max' has shape \(4,\) in the checkpoint but \(0,\) in the model\. 1 module\(s\) "
+                         r"have their own load_state_dict logic, which materialize does not run, e\.g\. "
+                         r"\['0 \(_ResizesOnLoad\)'\]: .*give the skeleton the checkpoint's names and shapes on every "
+                         r"rank before materialize", msg), f"rank {rank}: {msg}"
+        assert still_meta, f"rank {rank}: a failed call must leave the module as it was"
