@@ -422,12 +422,16 @@ class EveryDtype(nn.Module):
     variants, the MX E8M0 scale, packed float4 pairs, unsigned ints, complex), filled from random
     bytes (any bit pattern: NaN and inf encodings too); `empty`: uninitialized (for a meta skeleton)."""
 
+    # every dtype safetensors 0.8's save_file writes, listed here (not taken from the code under test)
+    DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+              torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz,
+              torch.float8_e5m2fnuz, torch.float8_e8m0fnu, torch.float4_e2m1fn_x2, torch.uint16, torch.uint32,
+              torch.uint64, torch.complex64)
+
     def __init__(self, empty: bool = False):
         super().__init__()
-        from fsdp_fastload.source import SAFETENSORS_DTYPES
-
         g = torch.Generator().manual_seed(0)
-        for i, dt in enumerate(SAFETENSORS_DTYPES.values()):
+        for i, dt in enumerate(self.DTYPES):
             shape = (3, 2 + i % 3)
             nbytes = shape[0] * shape[1] * dt.itemsize
             t = (torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g).view(dt).view(shape)
