@@ -44,6 +44,7 @@ def _cases():
                                  lambda: (torch.randn(2, 3, 6, 6),)),
         "embedding_bilinear": (_EmbeddingBilinear, lambda: (torch.tensor([[0, 3, 9]]),)),
         "memory_formats": (_MemoryFormats, lambda: (torch.randn(2, 3, 9, 9), torch.randn(5, 12))),
+        "titan_llama": (_TitanLlama, lambda: (torch.randint(0, 50, (2, 7)),)),
     }
 
 
@@ -88,6 +89,92 @@ class _Offsets(nn.Module):
             self.grid.copy_(torch.arange(16 * 7 * 7, dtype=torch.float32).reshape(1, 16, 7, 7) / 100)
 
 
+class _TitanAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+
+    def init_weights(self, std: float):
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(lin.weight, mean=0.0, std=0.02)
+        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=std)
+
+    def forward(self, x, freqs_cis):
+        b, s, _ = x.shape
+        q, k, v = (w(x).view(b, s, self.heads, self.head_dim) for w in (self.wq, self.wk, self.wv))
+        rot = freqs_cis[:s].view(1, s, 1, self.head_dim // 2)
+        q, k = (torch.view_as_real(torch.view_as_complex(t.float().reshape(b, s, self.heads, -1, 2)) * rot)
+                .flatten(3).type_as(t) for t in (q, k))
+        out = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                         is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class _TitanBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, depth: int):
+        super().__init__()
+        self.attention = _TitanAttention(dim, heads)
+        self.w1, self.w2, self.w3 = nn.Linear(dim, 2 * dim, bias=False), nn.Linear(2 * dim, dim, bias=False), \
+            nn.Linear(dim, 2 * dim, bias=False)
+        self.attention_norm, self.ffn_norm = nn.RMSNorm(dim, eps=1e-5), nn.RMSNorm(dim, eps=1e-5)
+        self.weight_init_std = 0.02 / (2 * (depth + 1)) ** 0.5
+
+    def init_weights(self):
+        for norm in (self.attention_norm, self.ffn_norm):
+            norm.reset_parameters()
+        self.attention.init_weights(self.weight_init_std)
+        nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
+        for lin in (self.w2, self.w3):
+            nn.init.trunc_normal_(lin.weight, mean=0.0, std=self.weight_init_std)
+
+    def forward(self, x, freqs_cis):
+        h = x + self.attention(self.attention_norm(x), freqs_cis)
+        y = self.ffn_norm(h)
+        return h + self.w2(nn.functional.silu(self.w1(y)) * self.w3(y))
+
+
+class _TitanLlama(nn.Module):
+    """torchtitan's Llama in small, as torchtitan writes it: the rotary table a complex64
+    non-persistent buffer of the root (`freqs_cis`), layers in a ModuleDict keyed "0", "1", ...,
+    and one `init_weights(buffer_device=None)` on the root that re-initialises every weight and
+    *reassigns* the table (torchtitan's way after `to_empty`): from a checkpoint, materialize runs
+    it with every loaded tensor out of reach, so only the table is kept."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16, heads: int = 2, layers: int = 2, max_seq: int = 16):
+        super().__init__()
+        self.dim, self.heads, self.max_seq = dim, heads, max_seq
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.register_buffer("freqs_cis", self._precompute_freqs_cis(), persistent=False)
+        self.layers = nn.ModuleDict({str(i): _TitanBlock(dim, heads, i) for i in range(layers)})
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
+        self.output = nn.Linear(dim, vocab, bias=False)
+        self.init_weights()
+
+    def _precompute_freqs_cis(self) -> torch.Tensor:
+        half = self.dim // self.heads
+        freqs = 1.0 / (10000.0 ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+        angles = torch.outer(torch.arange(self.max_seq, device=freqs.device), freqs).float()
+        return torch.polar(torch.ones_like(angles), angles)
+
+    def init_weights(self, buffer_device: torch.device | None = None):
+        buffer_device = buffer_device or self.freqs_cis.device
+        with torch.device(buffer_device):
+            self.freqs_cis = self._precompute_freqs_cis()
+        nn.init.normal_(self.tok_embeddings.weight)
+        for layer in self.layers.values():
+            layer.init_weights()
+        self.norm.reset_parameters()
+        std = self.dim ** -0.5
+        nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, ids):
+        h = self.tok_embeddings(ids)
+        for layer in self.layers.values():
+            h = layer(h, self.freqs_cis)
+        return self.output(self.norm(h))
+
+
 def _reference(build, inputs):
     torch.manual_seed(0)
     ref = build()
@@ -117,7 +204,12 @@ def _worker(rank, world, flow, ckpt_dir):
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
-            fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+            mesh = init_device_mesh("cpu", (world,))
+            layers = getattr(model, "layers", None)  # torchtitan's recipe: each block, then the root
+            for block in (layers.values() if isinstance(layers, nn.ModuleDict) else
+                          layers if isinstance(layers, nn.ModuleList) else ()):
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         path = os.path.join(ckpt_dir, f"{name}.safetensors") if rank == 0 and flow != "model" else None
         materialize(model, "cpu", state_dict=path, poison=True, verify=True)
         got = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
