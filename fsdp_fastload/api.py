@@ -23,7 +23,7 @@ from .install import commit as commit_install
 from .install import own_buffers
 from .install import prepare as prepare_install
 from .layout import Layout, device_align, memory_facts, plan
-from .manifest import Entry, build_manifest, fingerprint, summary
+from .manifest import Entry, aliased, build_manifest, fingerprint, summary
 from .source import (CheckpointError, FileTensor, MatchError, extra_state_key, file_backed, hf_renamed, match,
                      open_source)
 from .verify import verify as _verify
@@ -218,6 +218,8 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
     except Exception as e:  # noqa: BLE001  (e.g. a lazy module's uninitialized parameter): every rank hears it
         entries, error = [], error or _unreadable_module(module, e)
     _warn_kept_in_fp32(module, entries, rank)
+    if is_src:
+        _warn_aliased(entries, rank)
     if error is None:
         error = _check_local(entries, is_src=is_src, state_dict=state_dict)
     timeout = opts["timeout"]
@@ -848,6 +850,20 @@ def _warn_kept_in_fp32(module: nn.Module, entries: list[Entry], rank: int) -> No
             f"_keep_in_fp32_modules), e.g. {kept[:3]}; the module's dtypes win, so the result will not equal "
             "from_pretrained. Call fsdp_fastload.integrations.transformers.from_pretrained_dtypes(model, "
             f"{dtype}) on every rank after building the model (before fully_shard).", stacklevel=4)
+
+
+def _warn_aliased(entries: list[Entry], rank: int) -> None:
+    """Distinct tensors of the model that share memory (see `manifest.aliased`): say that they will not
+    after materialize, and how to keep the relation. (On src only: every rank has the same model.)"""
+    pairs = aliased(entries)
+    if pairs:
+        warnings.warn(
+            f"fsdp_fastload.materialize (rank {rank}): {len(pairs)} pair(s) of tensors of this model share "
+            f"memory without being one tensor (a view of another, or made from its .data), e.g. {pairs[:3]}. "
+            "materialize gives each tensor memory of its own, so afterwards they hold the same values but an "
+            "in-place change to one (an optimizer step) no longer shows in the other. If the module relies "
+            "on that, re-create the view on every rank after materialize (e.g. mod.w_t = mod.weight.detach().t()), "
+            "or register the same tensor object under both names (a tie, which materialize keeps).", stacklevel=4)
 
 
 def _unreadable_module(module: nn.Module, e: BaseException) -> str:

@@ -272,6 +272,42 @@ def _sub_frame(mesh, cache: dict) -> tuple | None:
     return shape, spans, root_shape, root_ranks, {r: place(r) for r in root_ranks}
 
 
+def aliased(entries: list[Entry]) -> list[tuple[str, str]]:
+    """Pairs of names of *distinct* tensors whose memory overlaps: one a view of the other (a buffer
+    registered as `weight.detach().t()`), or both made from one tensor (`nn.Parameter(w.data)`). Not
+    ties (one object under several names, which the manifest folds into one entry) but aliases, which
+    materialize does not keep: every entry gets memory of its own. Plain tensors only (meta ones too:
+    a view of a meta tensor shares its storage). One storage id per tensor (~0.15 us): the spans are
+    compared only where two entries share a storage."""
+    storage_id = getattr(torch._C, "_storage_id", None) or (lambda t: t.untyped_storage()._cdata)
+    plain = _CLS
+    ids = [storage_id(e.tensor) if e.cls in plain and e.numel else None for e in entries]
+    seen: dict = {}
+    shared = set()
+    for i, sid in enumerate(ids):
+        if sid is not None and seen.setdefault(sid, i) != i:
+            shared.add(sid)
+    if not shared:
+        return []
+    spans: dict = {}
+    for i, (e, sid) in enumerate(zip(entries, ids)):
+        if sid in shared:
+            t, size = e.tensor, e.tensor.element_size()
+            start = t.storage_offset() * size
+            end = start + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * size
+            spans.setdefault(sid, []).append((start, end, i))
+    pairs = []
+    for group in spans.values():
+        group.sort()
+        reach, owner = -1, -1
+        for start, end, i in group:
+            if start < reach:
+                pairs.append(tuple(sorted((owner, i))))
+            if end > reach:
+                reach, owner = end, i
+    return [(entries[a].names[0], entries[b].names[0]) for a, b in sorted(pairs)]  # in the model's order
+
+
 def summary(entries: list[Entry]) -> list[tuple]:
     """What must agree across ranks, one tuple per entry (see `Entry.describe`)."""
     return [e.describe() for e in entries]

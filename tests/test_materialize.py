@@ -622,6 +622,71 @@ def test_parameter_also_registered_as_a_buffer_keeps_its_tables():
             assert bad == [], f"rank {rank} {flow}: {bad}"
 
 
+class _ViewNet(nn.Module):
+    """Distinct tensors sharing memory: a buffer that is a transposed view of a weight, a parameter
+    made from another's `.data`; and two parameters side by side in one storage (no overlap: no alias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.register_buffer("w_t", self.lin.weight.detach().t())
+        self.shadow = nn.Parameter(self.lin.bias.data)
+        flat = torch.randn(20)
+        self.a, self.b = nn.Parameter(flat[:8].view(2, 4)), nn.Parameter(flat[8:].view(3, 4))
+
+    def forward(self, x):
+        return self.lin(x) + (x @ self.w_t) + self.shadow + self.a.sum() + (self.b @ x.t()).sum()
+
+
+def test_aliased_finds_overlapping_distinct_tensors():
+    from fsdp_fastload.manifest import aliased, build_manifest
+
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            model = _ViewNet()
+        # (in the manifest's order: the root's own tensors before its children's)
+        assert aliased(build_manifest(model)) == [("shadow", "lin.bias"), ("w_t", "lin.weight")], device
+    assert aliased(build_manifest(_AliasNet())) == []  # one tensor under two names: a tie, not an alias
+    assert aliased(build_manifest(SharedStorageNet())) == [("b", "c")]  # one storage: a and e apart, b and c overlap
+
+
+def _views_worker(rank, world):
+    import warnings
+
+    from fsdp_fastload import materialize
+
+    torch.manual_seed(0)
+    ref = _ViewNet()
+    out = {}
+    for flow in ("model", "state_dict"):
+        model = models.replica(_ViewNet, ref, real=rank == 0 and flow == "model")
+        sd = {k: v.detach().clone() for k, v in ref.state_dict().items()} if rank == 0 and flow == "state_dict" else None
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
+        said = [str(w.message) for w in seen if "share memory" in str(w.message)]
+        bad = [] if len(said) == (rank == 0) else [f"warnings: {said}"]
+        if said and not all(n in said[0] for n in ("'w_t', 'lin.weight'", "'shadow', 'lin.bias'", "2 pair(s)")):
+            bad.append(f"the warning does not name both pairs: {said[0]}")
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+        got, want = model.state_dict(), ref.state_dict()
+        if got.keys() != want.keys() or not all(torch.equal(got[k], want[k]) for k in want):
+            bad.append("values differ")
+        with torch.no_grad():
+            if not torch.equal(model(x), ref(x)):
+                bad.append("forward differs")
+        out[flow] = bad
+    return out
+
+
+def test_views_of_other_tensors_are_named_in_a_warning():
+    """Distinct tensors sharing memory (a buffer viewing a weight): materialize gives each memory of
+    its own (values equal), and src warns naming each pair and how to keep the relation."""
+    for rank, res in enumerate(run_ranks(_views_worker, 2)):
+        for flow, bad in res.items():
+            assert bad == [], f"rank {rank} {flow}: {bad}"
+
+
 class _OddValues(nn.Module):
     """Tensors whose bytes are not simply their values, or that change size or need grad later."""
 
