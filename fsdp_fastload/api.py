@@ -854,8 +854,14 @@ def _warn_kept_in_fp32(module: nn.Module, entries: list[Entry], rank: int) -> No
 
 def _warn_aliased(entries: list[Entry], rank: int) -> None:
     """Distinct tensors of the model that share memory (see `manifest.aliased`): say that they will not
-    after materialize, and how to keep the relation. (On src only: every rank has the same model.)"""
-    pairs = aliased(entries)
+    after materialize, and how to keep the relation. (On src only: every rank has the same model.)
+    Never raises: it runs before the agreement, where a rank that raised alone would leave the others
+    waiting (a tensor whose memory cannot be asked about is left out of the warning)."""
+    try:
+        pairs = aliased(entries)
+    except Exception:  # noqa: BLE001
+        logger.debug("fsdp_fastload: looking for tensors sharing memory failed", exc_info=True)
+        return
     if pairs:
         warnings.warn(
             f"fsdp_fastload.materialize (rank {rank}): {len(pairs)} pair(s) of tensors of this model share "

@@ -277,11 +277,12 @@ def aliased(entries: list[Entry]) -> list[tuple[str, str]]:
     registered as `weight.detach().t()`), or both made from one tensor (`nn.Parameter(w.data)`). Not
     ties (one object under several names, which the manifest folds into one entry) but aliases, which
     materialize does not keep: every entry gets memory of its own. Plain tensors only (meta ones too:
-    a view of a meta tensor shares its storage). One storage id per tensor (~0.15 us): the spans are
-    compared only where two entries share a storage."""
+    a view of a meta tensor shares its storage; dense ones: a sparse tensor has no storage). One
+    storage id per tensor (~0.15 us): the spans are compared only where two entries share a storage."""
     storage_id = getattr(torch._C, "_storage_id", None) or (lambda t: t.untyped_storage()._cdata)
-    plain = _CLS
-    ids = [storage_id(e.tensor) if e.cls in plain and e.numel else None for e in entries]
+    plain, strided = _CLS, torch.strided  # (a sparse tensor has no storage to ask about)
+    ids = [storage_id(e.tensor) if e.cls in plain and e.numel and e.tensor.layout is strided else None
+           for e in entries]
     seen: dict = {}
     shared = set()
     for i, sid in enumerate(ids):
