@@ -217,9 +217,11 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
         entries = build_manifest(module, extra_mods)
     except Exception as e:  # noqa: BLE001  (e.g. a lazy module's uninitialized parameter): every rank hears it
         entries, error = [], error or _unreadable_module(module, e)
-    _warn_kept_in_fp32(module, entries, rank)
-    if is_src:
-        _warn_aliased(entries, rank)
+    raised: list[str] = []  # warnings a warnings filter turned into exceptions, before the agreement
+    with _warning_raised(raised):
+        _warn_kept_in_fp32(module, entries, rank)
+        if is_src:
+            _warn_aliased(entries, rank)
     if error is None:
         error = _check_local(entries, is_src=is_src, state_dict=state_dict)
     timeout = opts["timeout"]
@@ -255,9 +257,11 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
             error = str(e)
         except Exception as e:  # noqa: BLE001  (a mapping that fails to give its values, ...): every rank hears it
             error = f"reading state_dict failed: {_sentence(e)}"
-        own = _own_load_logic(module) if isinstance(error, MatchError) else []
-        if error is not None and getattr(error, "missing", None):
-            error += _missing_hints(module, error.missing, sharded=bool(shd))
+        own: list = []
+        with _warning_raised(raised):  # (hints for the error text: never a reason for src to raise alone)
+            own = _own_load_logic(module) if isinstance(error, MatchError) else []
+            if error is not None and getattr(error, "missing", None):
+                error += _missing_hints(module, error.missing, sharded=bool(shd))
         if own:  # keys or shapes the module's own load logic would have adapted (an observer resizing
             # its running min/max, a renaming pre-hook): which modules have some, and the way around
             error += (f"{'' if error.endswith('.') else '.'} {len(own)} module(s) have their own "
@@ -265,11 +269,15 @@ def _materialize(module, device, *, src, group, state_dict, verify, opts, bad_op
                       "these keys or shapes (a quantization observer resizes its statistics to the checkpoint's, "
                       "a pre-hook renames keys), give the skeleton the checkpoint's names and shapes on every "
                       "rank before materialize.")
-        if src_plan is not None:
-            _warn_own_load_logic(module)
-        if src_plan is not None and src_plan.unexpected:
-            warnings.warn(f"fsdp_fastload.materialize: {len(src_plan.unexpected)} checkpoint key(s) not "
-                          f"in the model's state_dict() were ignored: {src_plan.unexpected[:10]}", stacklevel=2)
+        with _warning_raised(raised):
+            if src_plan is not None:
+                _warn_own_load_logic(module)
+            if src_plan is not None and src_plan.unexpected:
+                warnings.warn(f"fsdp_fastload.materialize: {len(src_plan.unexpected)} checkpoint key(s) not "
+                              f"in the model's state_dict() were ignored: {src_plan.unexpected[:10]}",
+                              stacklevel=3)  # (the caller of materialize)
+    if error is None and raised:
+        error = raised[0]
     if error is None and is_src and extra_mods and state_dict is None:
         try:  # src's own modules' extra state, for the receivers
             extra_values = {path: m.get_extra_state() for path, m in extra_mods}
@@ -833,6 +841,21 @@ def _warn_own_load_logic(module: nn.Module) -> None:
             "key names), call load_state_dict on src and materialize(model) without state_dict.", stacklevel=4)
 
 
+@contextlib.contextmanager
+def _warning_raised(raised: list):
+    """Before the agreement, a warning that this process's warnings filter turns into an exception
+    (``python -W error``, pytest's ``filterwarnings = error``) goes into `raised`, for the agreement:
+    every rank then raises it, where src raising it alone would leave the others waiting. Any other
+    failure of a warning's own checks is only logged: no warning is a reason to fail a load."""
+    try:
+        yield
+    except Warning as w:
+        raised.append(f"{type(w).__name__} raised as an error by the warnings filter of rank "
+                      f"{dist.get_rank() if dist.is_initialized() else 0}: {w}")
+    except Exception:  # noqa: BLE001
+        logger.debug("fsdp_fastload: a check that only warns failed", exc_info=True)
+
+
 def _warn_kept_in_fp32(module: nn.Module, entries: list[Entry], rank: int) -> None:
     """A transformers model whose half-precision tensors `from_pretrained` would keep in float32
     (`_keep_in_fp32_modules[_strict]`): usually a skeleton built with `from_config(dtype=...)`,
@@ -854,14 +877,8 @@ def _warn_kept_in_fp32(module: nn.Module, entries: list[Entry], rank: int) -> No
 
 def _warn_aliased(entries: list[Entry], rank: int) -> None:
     """Distinct tensors of the model that share memory (see `manifest.aliased`): say that they will not
-    after materialize, and how to keep the relation. (On src only: every rank has the same model.)
-    Never raises: it runs before the agreement, where a rank that raised alone would leave the others
-    waiting (a tensor whose memory cannot be asked about is left out of the warning)."""
-    try:
-        pairs = aliased(entries)
-    except Exception:  # noqa: BLE001
-        logger.debug("fsdp_fastload: looking for tensors sharing memory failed", exc_info=True)
-        return
+    after materialize, and how to keep the relation. (On src only: every rank has the same model.)"""
+    pairs = aliased(entries)
     if pairs:
         warnings.warn(
             f"fsdp_fastload.materialize (rank {rank}): {len(pairs)} pair(s) of tensors of this model share "

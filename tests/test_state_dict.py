@@ -186,6 +186,38 @@ def test_bad_keys_raise_on_every_rank(ckpts):
             assert f"this is rank {rank}" in msg
 
 
+def _warnings_as_errors_worker(rank, world, ckpts):
+    """src runs under a warnings filter that makes warnings errors (python -W error): the warnings it
+    gives before any data moves (unexpected keys here) must reach every rank as the error, not leave
+    the others waiting for src in the agreement."""
+    import warnings
+
+    from safetensors.torch import load_file
+
+    from fsdp_fastload import MaterializeError, materialize
+
+    path = ckpts["llama"]
+    sd = dict(load_file(os.path.join(path, "model.safetensors")), **{"model.extra.weight": torch.ones(2)})
+    model = models.build_meta(path)
+    with warnings.catch_warnings():
+        if rank == 0:
+            warnings.simplefilter("error")
+        try:
+            materialize(model, "cpu", state_dict=sd if rank == 0 else None)
+            return "no error"
+        except MaterializeError as e:
+            return str(e) + ("" if all(t.is_meta for t in model.state_dict().values()) else " | MODEL CHANGED")
+
+
+def test_warnings_turned_into_errors_on_src_raise_on_every_rank(ckpts):
+    for rank, msg in enumerate(run_ranks(_warnings_as_errors_worker, 2, ckpts, env={"PG_TIMEOUT": "30"},
+                                         timeout=90)):
+        assert re.search(r"rank 0: UserWarning raised as an error by the warnings filter of rank 0: "
+                         r"fsdp_fastload.materialize: 1 checkpoint key\(s\) not in the model's state_dict\(\) "
+                         r"were ignored: \['model.extra.weight'\]", msg), f"rank {rank}: {msg}"
+        assert f"this is rank {rank}" in msg and "MODEL CHANGED" not in msg, msg
+
+
 def _tie_conflict_worker(rank, world, tied, untied):
     """`untied`: `tied`'s checkpoint with its own, different `lm_head.weight` while the config still
     ties it to `model.embed_tokens.weight` (from_pretrained unties such a pair, with a warning)."""
