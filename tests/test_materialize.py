@@ -590,15 +590,22 @@ def _tables(model):
     return {name: (sorted(m._parameters), sorted(m._buffers)) for name, m in model.named_modules()}
 
 
+def _flows(build, ref, rank):
+    """(flow, this rank's model, its state_dict argument) for the src-model flow (rank 0 holds `ref`'s
+    values) and the state_dict flow (every rank meta, rank 0 passes a copy of `ref`'s state dict)."""
+    for flow in ("model", "state_dict"):
+        model = models.replica(build, ref, real=rank == 0 and flow == "model")
+        sd = {k: v.detach().clone() for k, v in ref.state_dict().items()} if rank == 0 and flow == "state_dict" else None
+        yield flow, model, sd
+
+
 def _alias_worker(rank, world):
     from fsdp_fastload import materialize
 
     torch.manual_seed(0)
     ref = _AliasNet()
     out = {}
-    for flow in ("model", "state_dict"):
-        model = models.replica(_AliasNet, ref, real=rank == 0 and flow == "model")
-        sd = {k: v.detach().clone() for k, v in ref.state_dict().items()} if rank == 0 and flow == "state_dict" else None
+    for flow, model, sd in _flows(_AliasNet, ref, rank):
         materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
         bad = []
         if _tables(model) != _tables(ref):
@@ -658,9 +665,7 @@ def _views_worker(rank, world):
     torch.manual_seed(0)
     ref = _ViewNet()
     out = {}
-    for flow in ("model", "state_dict"):
-        model = models.replica(_ViewNet, ref, real=rank == 0 and flow == "model")
-        sd = {k: v.detach().clone() for k, v in ref.state_dict().items()} if rank == 0 and flow == "state_dict" else None
+    for flow, model, sd in _flows(_ViewNet, ref, rank):
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             materialize(model, "cpu", state_dict=sd, poison=True, verify=True)
