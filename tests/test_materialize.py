@@ -313,9 +313,10 @@ def _error_cases(rank):
                             r"rank 0: reading state_dict failed: OSError: cannot fetch 0\.weight\."),
         "unknown_option_one_rank": (lambda r: lin()(r), {"bucket_sise": 1 << 20} if rank == 1 else {},
                                     r"rank 1: unknown tuning option\(s\) \['bucket_sise'\]"),
-        "bad_options": (lambda r: lin()(r), {"bucket_size": "16MB", "max_inflight": 0} if rank == 0 else {},
+        "bad_options": (lambda r: lin()(r), {"bucket_size": "16MB", "max_inflight": 0, "read_threads": -1}
+                        if rank == 0 else {"read_threads": None},
                         r"rank 0: bucket_size='16MB' must be None or a positive number of bytes; "
-                        r"max_inflight=0 must be an int >= 1"),
+                        r"max_inflight=0 must be an int >= 1; read_threads=-1 must be None or an int >= 0"),
         "bad_device_name": (lambda r: lin()(r), {"device": "gpu" if rank == 1 else "cpu"},
                             r"rank 1: device='gpu' is not usable on this rank \(.*\)\. Pass 'cpu'"),
         "verify_one_rank": (lambda r: lin()(r), {"verify": rank == 0},
