@@ -136,6 +136,12 @@ class Packer:
         self.non_mem = [0]  # non_mem[j]: spans before j that are not plain memory
         for k in kinds:
             self.non_mem.append(self.non_mem[-1] + (k != _MEM))
+        # file_from[j]: the first span of the unbroken stretch of spans read from span j's file that
+        # ends at j (j + 1 for a span that is not read from a file)
+        self.file_from = file_from = []
+        for j, (k, o) in enumerate(zip(kinds, objs)):
+            file_from.append((file_from[-1] if j and kinds[j - 1] == _FILE and objs[j - 1] == o else j)
+                             if k == _FILE else j + 1)
         self.converted: dict[int, torch.Tensor] = {}
         self.storages: dict[tuple, torch.Tensor] = {}
         self.wrote_host = False
@@ -220,6 +226,20 @@ class Packer:
         if piece is not None and self.kinds[j0] == _FILE:
             lo, hi = piece
             read(*self.objs[j0], dst, [self.offs[j0] + lo - self.starts[j0]], [lo - a], [hi - lo], self.read_threads)
+            self.wrote_host = True
+            return None
+        if self.file_from[j1 - 1] <= j0 and self.runs[j1 - 1] - self.runs[j0] == j1 - 1 - j0:
+            # spans of one file, each a run of its own (a rank's shards of a checkpoint's tensors): one
+            # read, its arguments by slicing (no two are back to back in both the file and the bucket)
+            fo = self.offs[j0:j1]
+            do = [s - a for s in self.starts[j0:j1]]
+            ln = self.lens[j0:j1]
+            if do[0] < 0:  # the first span began in an earlier bucket
+                fo[0], ln[0], do[0] = fo[0] - do[0], ln[0] + do[0], 0
+            over = self.ends[j1 - 1] - b
+            if over > 0:  # the last span goes on in the next bucket
+                ln[-1] -= over
+            read(*self.objs[j0], dst, fo, do, ln, self.read_threads)
             self.wrote_host = True
             return None
         if self.non_mem[j1] == self.non_mem[j0] and not split_device:  # plain memory: arguments by slicing

@@ -178,6 +178,52 @@ def test_packer_pieces_send_the_same_bytes_as_slices():
         assert torch.equal(wire[w:w + s.nbytes], s.reshape(-1).view(torch.uint8)), entries[i].names
 
 
+@pytest.mark.parametrize("files", ["one", "two"])
+@pytest.mark.parametrize("pieces", ["apart", "back_to_back"])
+def test_file_pieces_pack_the_bytes_of_their_slices(tmp_path, files, pieces):
+    """Pieces of a checkpoint's tensors (src's FSDP2 shard packers reading a rank's shards) pack,
+    bucket by bucket, exactly the bytes of the slices they stand for: pieces of one file, each its
+    own run, are read with one call per bucket; pieces of two files, or pieces back to back in the
+    file and in the bucket (one run), go the general way; ranges that cut pieces at both ends too."""
+    from safetensors.torch import save_file
+
+    from fsdp_fastload.source import parse_header
+
+    g = torch.Generator().manual_seed(1)
+    full = {f"t{k}": torch.randn(n, generator=g).to(dt) for k, (n, dt) in
+            enumerate([(40, torch.float32), (33, torch.float32), (64, torch.float32), (9, torch.float32),
+                       (50, torch.float32)])}
+    names = list(full)
+    if files == "one":
+        save_file(full, str(tmp_path / "a.safetensors"))
+        ft = parse_header(str(tmp_path / "a.safetensors"))
+    else:
+        half = {k: full[k] for k in names[::2]}
+        save_file(half, str(tmp_path / "a.safetensors"))
+        save_file({k: v for k, v in full.items() if k not in half}, str(tmp_path / "b.safetensors"))
+        ft = {**parse_header(str(tmp_path / "a.safetensors")), **parse_header(str(tmp_path / "b.safetensors"))}
+    if pieces == "apart":  # a middle piece of each: never back to back
+        starts, counts = [3, 5, 10, 1, 7], [30, 20, 40, 5, 33]
+    else:  # each tensor's tail then the next one's head: back to back in the file
+        starts, counts = [20, 0, 0, 0, 0], [20, 33, 64, 9, 25]
+    slices = [full[n][s:s + c] for n, s, c in zip(names, starts, counts)]
+    m = nn.Module()
+    for k, sl in enumerate(slices):
+        m.register_buffer(f"b{k}", torch.empty_like(sl))
+    entries = build_manifest(m)
+    layout = plan(entries, bucket_size=1 << 20, direct_min=1 << 20, align=1)
+    by_piece = Packer([ft[n] for n in names], layout, pieces=([s * 4 for s in starts], counts))
+    # the layout's one bucket, then ranges cutting pieces at both ends (the packer takes any range)
+    for step in (layout.wire_total, 50, 77, 201):
+        wire = torch.full((layout.wire_total,), 7, dtype=torch.uint8)
+        for a in range(0, layout.wire_total, step):
+            b = min(a + step, layout.wire_total)
+            by_piece.pack(a, b, wire[a:b])
+        for i, sl in enumerate(slices):
+            w = layout.wire[i]
+            assert torch.equal(wire[w:w + sl.nbytes], sl.view(torch.uint8)), (step, entries[i].names)
+
+
 def test_contiguous_start_matches_torch_on_every_box():
     """A shard box is sent as one byte range of the full source exactly when it is one contiguous
     run of it (whole tensor, rows, part of a row), at the element torch's own view starts at."""
