@@ -130,8 +130,9 @@ def _default_read_threads() -> int:
     """src's reader threads: 4, or as many as the cores this process may run on if fewer. A reader
     more than the cores only takes one from the transfer and from src's own work (2 cores, the
     deep model onto FSDP2 from the checkpoint, 8 interleaved rounds of 14 loads: medians 90 ms with
-    2 threads, 94.5 ms with 4, 2 faster in 7 rounds of 8; from the checkpoint without FSDP2 no
-    worse)."""
+    2 threads, 94.5 ms with 4, 2 faster in 7 rounds of 8; the 492 MB model from the checkpoint
+    without FSDP2, 7 rounds of 6 loads: 363 vs 349 ms, 2 faster in 3 of 7, within this VM's noise).
+    Hosts with 4 cores or more keep 4."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
