@@ -231,31 +231,27 @@ class Packer:
         if self.file_from[j1 - 1] <= j0 and self.runs[j1 - 1] - self.runs[j0] == j1 - 1 - j0:
             # spans of one file, each a run of its own (a rank's shards of a checkpoint's tensors): one
             # read, its arguments by slicing (no two are back to back in both the file and the bucket)
-            fo = self.offs[j0:j1]
-            do = [s - a for s in self.starts[j0:j1]]
-            ln = self.lens[j0:j1]
-            if do[0] < 0:  # the first span began in an earlier bucket
-                fo[0], ln[0], do[0] = fo[0] - do[0], ln[0] + do[0], 0
-            over = self.ends[j1 - 1] - b
-            if over > 0:  # the last span goes on in the next bucket
-                ln[-1] -= over
-            read(*self.objs[j0], dst, fo, do, ln, self.read_threads)
+            read(*self.objs[j0], dst, *self._sliced(j0, j1, a, b), self.read_threads)
             self.wrote_host = True
             return None
         if self.non_mem[j1] == self.non_mem[j0] and not split_device:  # plain memory: arguments by slicing
-            tensors = self.objs[j0:j1]
-            so = self.offs[j0:j1]
-            do = [s - a for s in self.starts[j0:j1]]
-            ln = self.lens[j0:j1]
-            if do[0] < 0:  # the first span began in an earlier bucket
-                so[0], ln[0], do[0] = so[0] - do[0], ln[0] + do[0], 0
-            over = self.ends[j1 - 1] - b
-            if over > 0:  # the last span goes on in the next bucket
-                ln[-1] -= over
-            ops.copy_ranges(dst, tensors, so, do, ln)
+            ops.copy_ranges(dst, self.objs[j0:j1], *self._sliced(j0, j1, a, b))
             self.wrote_host = True
             return None
         return self._pack_mixed(j0, j1, a, b, dst, split_device)
+
+    def _sliced(self, j0: int, j1: int, a: int, b: int) -> tuple[list, list, list]:
+        """(source byte offsets, offsets in the bucket [a, b), lengths) of spans j0..j1-1, the first
+        and last cut to the bucket: slices of the per-span lists, no loop over the spans' objects."""
+        so = self.offs[j0:j1]
+        do = [s - a for s in self.starts[j0:j1]]
+        ln = self.lens[j0:j1]
+        if do[0] < 0:  # the first span began in an earlier bucket
+            so[0], ln[0], do[0] = so[0] - do[0], ln[0] + do[0], 0
+        over = self.ends[j1 - 1] - b
+        if over > 0:  # the last span goes on in the next bucket
+            ln[-1] -= over
+        return so, do, ln
 
     def _pack_mixed(self, j0, j1, a, b, dst, split_device) -> tuple | None:
         mem: tuple[list, list, list, list] = ([], [], [], [])

@@ -170,12 +170,15 @@ def test_packer_pieces_send_the_same_bytes_as_slices():
         by_slice.pack(a, b, want)
         by_piece.pack(a, b, got)
         assert torch.equal(got, want), (a, b)
-    wire = torch.zeros(layout.wire_total, dtype=torch.uint8)
-    for a, b in layout.buckets:
-        by_piece.pack(a, b, wire[a:b])
-    for i, s in enumerate(slices):
-        w = layout.wire[i]
-        assert torch.equal(wire[w:w + s.nbytes], s.reshape(-1).view(torch.uint8)), entries[i].names
+    for step in (None, 50, 77):  # the layout's buckets, then ranges cutting pieces at both ends
+        wire = torch.zeros(layout.wire_total, dtype=torch.uint8)
+        cuts = layout.buckets if step is None else [(a, min(a + step, layout.wire_total))
+                                                    for a in range(0, layout.wire_total, step)]
+        for a, b in cuts:
+            by_piece.pack(a, b, wire[a:b])
+        for i, s in enumerate(slices):
+            w = layout.wire[i]
+            assert torch.equal(wire[w:w + s.nbytes], s.reshape(-1).view(torch.uint8)), (step, entries[i].names)
 
 
 @pytest.mark.parametrize("files", ["one", "two"])
