@@ -136,12 +136,6 @@ class Packer:
         self.non_mem = [0]  # non_mem[j]: spans before j that are not plain memory
         for k in kinds:
             self.non_mem.append(self.non_mem[-1] + (k != _MEM))
-        # file_from[j]: the first span of the unbroken stretch of spans read from span j's file that
-        # ends at j (j + 1 for a span that is not read from a file)
-        self.file_from = file_from = []
-        for j, (k, o) in enumerate(zip(kinds, objs)):
-            file_from.append((file_from[-1] if j and kinds[j - 1] == _FILE and objs[j - 1] == o else j)
-                             if k == _FILE else j + 1)
         self.converted: dict[int, torch.Tensor] = {}
         self.storages: dict[tuple, torch.Tensor] = {}
         self.wrote_host = False
@@ -228,7 +222,9 @@ class Packer:
             read(*self.objs[j0], dst, [self.offs[j0] + lo - self.starts[j0]], [lo - a], [hi - lo], self.read_threads)
             self.wrote_host = True
             return None
-        if self.file_from[j1 - 1] <= j0 and self.runs[j1 - 1] - self.runs[j0] == j1 - 1 - j0:
+        n = j1 - j0
+        if (self.runs[j1 - 1] - self.runs[j0] == n - 1 and self.kinds[j0:j1].count(_FILE) == n
+                and self.objs[j0:j1].count(self.objs[j0]) == n):
             # spans of one file, each a run of its own (a rank's shards of a checkpoint's tensors): one
             # read, its arguments by slicing (no two are back to back in both the file and the bucket)
             read(*self.objs[j0], dst, *self._sliced(j0, j1, a, b), self.read_threads)
