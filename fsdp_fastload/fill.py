@@ -224,8 +224,8 @@ class Packer:
             return None
         n = j1 - j0
         if (self.kinds[j0] == _FILE and self.runs[j1 - 1] - self.runs[j0] == n - 1
-                and self.kinds[j0:j1].count(_FILE) == n
-                and self.objs[j0:j1].count(self.objs[j0]) == n):
+                and self.kinds[j0:j1].count(_FILE) == n  # (first: then every obj is a (path, file)
+                and self.objs[j0:j1].count(self.objs[j0]) == n):  # pair, never a tensor to compare)
             # spans of one file, each a run of its own (a rank's shards of a checkpoint's tensors): one
             # read, its arguments by slicing (no two are back to back in both the file and the bucket)
             read(*self.objs[j0], dst, *self._sliced(j0, j1, a, b), self.read_threads)
