@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fsdp_fastload.bench import cli, sweep
+from fsdp_fastload.bench import cli, report, sweep
 from fsdp_fastload.bench.runner import Job, Settings, launch
 
 
@@ -54,6 +54,22 @@ def test_tables_ratios_and_goal():
     assert ("| 100 | 40 kB | 0.200 | 1.000 (1.000–1.000; 1 failed) | 5.00× | 2.50× | 1 / 1 "
             "| MISMATCH (1 differ) |") in md
     assert "100 tensors take 2.50× the time of 1 tensor" in md and "NOT met" in md
+
+
+def test_model_table_gives_each_ranks_cpu_and_both_against_the_floor():
+    """The CPU columns: rank 0 / rank 1 medians, and both ranks' together against the floor's; a row
+    whose runs predate the measurement shows none."""
+    def run(s, cpu0, cpu1):
+        return dict(_run(s), cpu_s=cpu1, sender_cpu_s=cpu0)
+
+    results = {("tiny", "floor"): [run(0.05, 0.01, 0.04), run(0.04, 0.02, 0.05), run(0.06, 0.01, 0.03)],
+               ("tiny", "ours"): [run(0.08, 0.10, 0.06), run(0.09, 0.12, 0.07)],
+               ("tiny", "ours_sd"): [_run(0.1)]}
+    md = report.model_table("tiny", ["floor", "ours", "ours_sd"], results, {})
+    assert "| CPU s (rank 0 / rank 1) | ×floor-CPU |" in md, md
+    assert "| 0.010 / 0.040 | 1.0× |" in md, md  # floor: medians 0.01 and 0.04
+    assert "| 0.110 / 0.065 | 3.5× |" in md, md  # ours: (0.11 + 0.065) / (0.01 + 0.04)
+    assert md.splitlines()[-1].endswith("| – | – |"), md
 
 
 def test_bound_rows_are_read_against_the_loader():
@@ -189,6 +205,9 @@ def test_bench_end_to_end(tmp_path, capsys):
     assert "C++ extension" in md and "cores" in md
     # the model table: ours moved every tensor and the rotary buffers bit for bit
     assert re.search(_row("ours", "transfer", S, "[0-9.–]+", "–", r"\d+", "–", "correct", "ok / ok"), md), md
+    # each rank's CPU time in the call (no floor row here: no ratio)
+    assert re.search(_row("ours", "transfer", S, "[0-9.–]+", "–", r"\d+", "–", "correct", "ok / ok", r"\d+",
+                          f"{S} / {S}", "–"), md), md
     # the sweep: 1 tensor (the reference) and 100 tensors, both checked bitwise
     assert re.search(_row("1", "400 kB", S, RANGE, X, r"1\.00×", r"\d+ / \d+", "ok"), md), md
     assert re.search(_row("100", "4 kB", S, RANGE, X, X, r"\d+ / \d+", "ok"), md), md

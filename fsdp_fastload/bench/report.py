@@ -78,17 +78,18 @@ def model_table(model_name: str, methods: list[str], results: dict, skipped: dic
         f"### {model_name}: {describe(model_name)}{size}",
         "",
         "| method | timed | median s | range s | ×floor | receiver peak RSS growth MB | ×floor-RSS "
-        "| non-persistent buffers (rank 1) | params (rank 0 / rank 1) | sender peak RSS growth MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| non-persistent buffers (rank 1) | params (rank 0 / rank 1) | sender peak RSS growth MB "
+        "| CPU s (rank 0 / rank 1) | ×floor-CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         timed = "end to end" if METHODS[m].end_to_end else "transfer"
         if m in skipped:
-            lines.append(f"| {m} | {timed} | – | – | – | – | – | {skipped[m]} | | |")
+            lines.append(f"| {m} | {timed} | – | – | – | – | – | {skipped[m]} | | | | |")
             continue
         st = stats(rows[m])
         if st is None:
-            lines.append(f"| {m} | {timed} | – | – | – | – | – | ERROR: {first_error(rows[m])} | | |")
+            lines.append(f"| {m} | {timed} | – | – | – | – | – | ERROR: {first_error(rows[m])} | | | | |")
             continue
         xf = f"{st['median'] / floor['median']:.1f}×" if floor else "–"
         xr = f"{st['rss'] / floor['rss']:.2f}×" if floor and floor["rss"] > 0 else "–"
@@ -96,8 +97,23 @@ def model_table(model_name: str, methods: list[str], results: dict, skipped: dic
         failed = f" ({st['failed']} runs failed)" if st["failed"] else ""
         lines.append(
             f"| {m}{failed} | {timed} | {_fmt_s(st['median'])} | {_fmt_s(st['lo'])}–{_fmt_s(st['hi'])} "
-            f"| {xf} | {st['rss'] / 1e6:.0f} | {xr} | {st['buffers']} | {params} | {st['sender_rss'] / 1e6:.0f} |")
+            f"| {xf} | {st['rss'] / 1e6:.0f} | {xr} | {st['buffers']} | {params} | {st['sender_rss'] / 1e6:.0f} "
+            f"| {_cpu(st)} | {_cpu_ratio(st, floor)} |")
     return "\n".join(lines)
+
+
+def _cpu(st: dict) -> str:
+    if st["cpu"] is None or st["receiver_cpu"] is None:
+        return "–"
+    return f"{_fmt_s(st['cpu'])} / {_fmt_s(st['receiver_cpu'])}"
+
+
+def _cpu_ratio(st: dict, floor: dict | None) -> str:
+    """Both ranks' CPU time against the floor's: what a method costs the machine, not only the clock."""
+    if floor is None or None in (st["cpu"], st["receiver_cpu"], floor["cpu"], floor["receiver_cpu"]):
+        return "–"
+    base = floor["cpu"] + floor["receiver_cpu"]
+    return f"{(st['cpu'] + st['receiver_cpu']) / base:.1f}×" if base > 0 else "–"
 
 
 MODELS_INTRO = (
@@ -113,7 +129,10 @@ MODELS_INTRO = (
     "tensor (the full tensor for FSDP2 shards) vs the `from_pretrained` model, bitwise (crc32). Rank "
     "0's `from_pretrained` tensors are mmap-backed (page cache warm): the sender's RSS growth includes "
     "faulting those pages in for every method that reads the weights; `floor`/`limit` read an "
-    "anonymous filled buffer.")
+    "anonymous filled buffer. CPU: each rank's process CPU time over the timed phase (every thread, "
+    "kernel time included: page faults, socket copies), median over the runs; ×floor-CPU: both ranks' "
+    "together against the floor's. Two ranks on C cores take at least (their CPU) / C of wall time: "
+    "where that is near the timed column, the method is CPU-bound on this machine.")
 
 SWEEP_INTRO = (
     "Plain `nn.Module` trees (float32 parameters of equal size, blocks of 100; no transformers), src-model "

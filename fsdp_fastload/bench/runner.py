@@ -89,7 +89,7 @@ def launch(job: Job, settings: Settings, tag: str) -> dict:
                                            for r in range(WORLD)],
                 "logs": str(settings.logdir / f"{tag}.rank*.log")}
     return dict(outs[1], sender_rss_growth=outs[0]["rss_growth"], rank0_params=outs[0].get("params"),
-                src_load_s=outs[0].get("src_load_s"))
+                src_load_s=outs[0].get("src_load_s"), sender_cpu_s=outs[0].get("cpu_s"))
 
 
 def _wait(procs, timeout: float) -> str | None:
@@ -161,7 +161,14 @@ def stats(rs: list[dict]) -> dict | None:
                 sender_rss=statistics.median(r["sender_rss_growth"] for r in ok),
                 nbytes=ok[0]["nbytes"], buffers="/".join(sorted({r.get("buffers") or "–" for r in ok})),
                 params="/".join(sorted({r.get("params") or "–" for r in ok})),
-                rank0_params="/".join(sorted({r.get("rank0_params") or "–" for r in ok})))
+                rank0_params="/".join(sorted({r.get("rank0_params") or "–" for r in ok})),
+                cpu=_median_of(ok, "sender_cpu_s"), receiver_cpu=_median_of(ok, "cpu_s"))
+
+
+def _median_of(rs: list[dict], key: str) -> float | None:
+    """The median of `key` over runs that have it (results written before it was measured lack it)."""
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
 
 
 def first_error(rs: list[dict]) -> str:

@@ -160,7 +160,8 @@ def _shard(model, layers, world: int) -> None:
 
 
 def _timed(m, model, rank: int, ctx: Ctx, rss_interval: float, kernel_rss: bool = True):
-    """Run ``m.fn`` after a barrier; its time (max over ranks) and this rank's peak RSS growth."""
+    """Run ``m.fn`` after a barrier; its time (max over ranks), this rank's CPU time in it (every
+    thread, kernel time included) and this rank's peak RSS growth."""
     import torch
     import torch.distributed as dist
 
@@ -169,14 +170,14 @@ def _timed(m, model, rank: int, ctx: Ctx, rss_interval: float, kernel_rss: bool 
     rss0, maxrss0 = sampler.rss(), _maxrss_bytes()
     sampler.start()
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ret = m.fn(model, rank, ctx)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     peak, maxrss1 = sampler.stop(), _maxrss_bytes()
     el = torch.tensor([t1 - t0], dtype=torch.float64)
     dist.all_reduce(el, op=dist.ReduceOp.MAX)
     return (model if ret is None else ret), dict(
-        local_s=t1 - t0, elapsed_s=float(el.item()), rss_sampled_growth=peak - rss0,
+        local_s=t1 - t0, elapsed_s=float(el.item()), cpu_s=c1 - c0, rss_sampled_growth=peak - rss0,
         rss_maxrss_growth=max(0, maxrss1 - maxrss0), rss_growth=max(peak - rss0, maxrss1 - maxrss0, 0),
         rss_samples=sampler.samples, rss_before=rss0, rss_how=sampler.how)
 
