@@ -130,8 +130,8 @@ MODELS_INTRO = (
     "0's `from_pretrained` tensors are mmap-backed (page cache warm): the sender's RSS growth includes "
     "faulting those pages in for every method that reads the weights; `floor`/`limit` read an "
     "anonymous filled buffer. CPU: each rank's process CPU time over the timed phase (every thread, "
-    "kernel time included: page faults, socket copies), median over the runs; ×floor-CPU: both ranks' "
-    "together against the floor's. Two ranks on C cores take at least (their CPU) / C of wall time: "
+    "kernel time included: page faults, socket copies; with `--rss thread` the sampling thread's too), "
+    "median over the runs; ×floor-CPU: both ranks' medians together against the floor's. Two ranks on C cores take at least (their CPU) / C of wall time: "
     "where that is near the timed column, the method is CPU-bound on this machine.")
 
 SWEEP_INTRO = (
