@@ -18,8 +18,10 @@ Run by tests/test_zoo.py; a few minutes on 2 cores.
 from __future__ import annotations
 
 import os
+import queue
 import sys
 import tempfile
+import time
 import traceback
 
 import torch
@@ -259,6 +261,7 @@ def _worker(rank: int, port: int, names: list[str], root: str, q) -> None:
         path = os.path.join(root, name)
         cls = getattr(transformers, model_cls)
         for flow in FLOWS:
+            q.put(("case", rank, f"{name} {flow}"))  # the parent's watchdog: progress, and where a rank died
             try:
                 ref = cls.from_pretrained(path).eval()
                 config = transformers.AutoConfig.from_pretrained(path)
@@ -291,8 +294,42 @@ def _worker(rank: int, port: int, names: list[str], root: str, q) -> None:
                 results[(name, flow)] = f"crash: {type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()
             dist.barrier()
-    q.put((rank, results))
+    q.put(("done", rank, results))
     dist.destroy_process_group()
+
+
+STALL = 300  # seconds a rank may spend on one case (a few on this VM) before the sweep is called hung
+
+
+def _collect(procs, q, stall: float = STALL) -> tuple[dict, str | None]:
+    """Every rank's results, or what went wrong: a rank that exited without reporting (its exit code,
+    and the case it was in), or no rank starting a new case for `stall` seconds (a hang)."""
+    got, case = {}, {}
+    last = time.monotonic()
+    dead_since = None
+    while len(got) < len(procs):
+        try:
+            kind, rank, payload = q.get(timeout=1.0)
+        except queue.Empty:
+            now = time.monotonic()
+            dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode is not None]
+            if dead:  # (a rank's last messages may still be on their way: wait 5 s for them)
+                dead_since = dead_since or now
+                if now - dead_since > 5:
+                    return got, "; ".join(
+                        f"rank {r} exited with code {procs[r].exitcode}"
+                        f"{' (killed by signal ' + str(-procs[r].exitcode) + ')' if procs[r].exitcode < 0 else ''}"
+                        f" without reporting, in case '{case.get(r, 'before the first')}'" for r in dead)
+            elif now - last > stall:
+                return got, (f"no rank started a new case for {stall:.0f} s (hang?); each rank's current case: "
+                             f"{ {r: case.get(r) for r in range(len(procs))} }")
+            continue
+        last = time.monotonic()
+        if kind == "case":
+            case[rank] = payload
+        else:
+            got[rank] = payload
+    return got, None
 
 
 def main(argv: list[str]) -> int:
@@ -321,13 +358,9 @@ def main(argv: list[str]) -> int:
     procs = [ctx.Process(target=_worker, args=(r, port, built, root, q)) for r in range(2)]
     for p in procs:
         p.start()
-    got = {}
-    try:
-        for _ in procs:
-            rank, res = q.get(timeout=60 + 60 * len(built))  # the watchdog: a hang is a failure
-            got[rank] = res
-    except Exception:  # noqa: BLE001
-        print("FAILED: a rank did not report in time (hang?)")
+    got, problem = _collect(procs, q)  # the watchdog: a hang or a dead rank is a failure, said at once
+    if problem is not None:
+        print(f"FAILED: {problem}")
         for p in procs:
             p.kill()
         return 1
