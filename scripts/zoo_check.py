@@ -17,6 +17,7 @@ Run by tests/test_zoo.py; a few minutes on 2 cores.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import queue
 import sys
@@ -245,6 +246,7 @@ def _shard(model, mesh):
 
 
 def _worker(rank: int, port: int, names: list[str], root: str, q) -> None:
+    faulthandler.enable(all_threads=True)  # a rank that crashes (abort, segfault) prints every thread's stack
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)

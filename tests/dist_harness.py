@@ -9,6 +9,7 @@ Fault tests name the ranks that exit on purpose (`expect_dead`); their result is
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import queue as queue_mod
 import socket
@@ -43,6 +44,7 @@ def _free_port() -> int:
 
 
 def _worker(rank, world, port, fn, args, q, env, backend):
+    faulthandler.enable(all_threads=True)  # a rank that crashes (abort, segfault) prints every thread's stack
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
